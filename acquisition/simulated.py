@@ -1,0 +1,241 @@
+"""The simulated subject: an ECoG-like LSL amplifier whose target channels respond to sentences.
+
+Runs in its own process (``SimulatorProcess``, spawn-safe) or from ``neurosteer simulate``. It reads
+onset markers from the session's marker stream and streams ``n_channels`` float32 channels at
+``sfreq`` over LSL, stamped with each sample's acquisition time. Noise is white and Gaussian,
+scaled so that a single trial's response estimate (response-window mean minus pre-stimulus mean)
+has SD ``signal_sd / snr`` on every channel. NOTE: real high-gamma noise is 1/f-like and correlated
+across neighbouring electrodes; this simulator has neither.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """Everything the simulated subject's process needs; plain values, so it pickles under spawn."""
+
+    data_stream: str
+    marker_stream: str
+    source_id: str
+    pool_file: str
+    log_file: str
+    pool_n_words: int | None
+    lsl_config: str | None
+    n_channels: int = 64
+    sfreq: float = 1000.0
+    target_channels: tuple[int, ...] = (8, 9, 10, 11, 16, 17, 18, 19, 24, 25)
+    snr: float = 0.30
+    signal_sd: float = 1.0
+    mean_level: float = 2.0
+    latency_s: float = 0.1
+    response_duration_s: float = 1.0
+    baseline_s: float = 0.5
+    readout_weight: float = 1.0
+    surprisal_weight: float = 1.0
+    surprisal_model: str = "embedded:smollm2-135m"
+    seed: int = 7
+    speed: float = 1.0
+    marker_timeout_s: float = 120.0
+
+
+def channel_names(n_channels: int) -> list[str]:
+    """Return the simulated amplifier's channel labels, ECOG001 onwards."""
+    return [f"ECOG{index + 1:03d}" for index in range(n_channels)]
+
+
+class EcogRenderer:
+    """Pure sample generation: noise plus the responses of scheduled onsets, chunk by chunk."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        speed = config.speed
+        self.latency_s = config.latency_s / speed
+        self.duration_s = config.response_duration_s / speed
+        n_window = max(1, round(self.duration_s * config.sfreq))
+        n_baseline = max(1, round(config.baseline_s / speed * config.sfreq))
+        # Noise SD per sample such that SD(window mean - baseline mean) = signal_sd / snr.
+        trial_noise_sd = config.signal_sd / config.snr
+        self.sample_noise_sd = trial_noise_sd / np.sqrt(1.0 / n_window + 1.0 / n_baseline)
+        rng = np.random.default_rng(config.seed)
+        self.gains = np.zeros(config.n_channels)
+        self.gains[list(config.target_channels)] = rng.uniform(0.8, 1.2, len(config.target_channels))
+        self._noise_rng = np.random.default_rng([config.seed, 1])
+        self._responses: list[tuple[float, np.ndarray]] = []
+
+    def amplitudes(self, truth_z: float) -> np.ndarray:
+        """Return the noise-free response of each channel to a stimulus of truth ``truth_z``."""
+        level = self.config.mean_level + self.config.signal_sd * truth_z
+        return self.gains * level
+
+    def add_onset(self, onset: float, truth_z: float) -> np.ndarray:
+        amplitudes = self.amplitudes(truth_z)
+        self._responses.append((onset, amplitudes))
+        return amplitudes
+
+    def render(self, times: np.ndarray) -> np.ndarray:
+        """Return ``(n_samples, n_channels)`` float32 data at sample ``times``."""
+        shape = (len(times), self.config.n_channels)
+        data = self._noise_rng.normal(0.0, self.sample_noise_sd, shape)
+        if len(times) == 0:
+            return data.astype(np.float32)
+        ramp = min(0.05 / self.config.speed, self.duration_s / 4)
+        for onset, amplitudes in self._responses:
+            start = onset + self.latency_s
+            inside = (times >= start) & (times < start + self.duration_s)
+            if inside.any():
+                # A plateau with raised-cosine edges, scaled so that its mean over the window is 1.
+                local = times[inside] - start
+                edge = np.minimum(np.minimum(local, self.duration_s - local) / ramp, 1.0)
+                shape_ = 0.5 - 0.5 * np.cos(np.pi * edge)
+                data[inside] += np.outer(shape_ / self._shape_mean(ramp), amplitudes)
+        horizon = times[-1] - self.latency_s - self.duration_s
+        self._responses = [item for item in self._responses if item[0] > horizon]
+        return data.astype(np.float32)
+
+    def _shape_mean(self, ramp: float) -> float:
+        local = np.linspace(0, self.duration_s, 2001)
+        edge = np.minimum(np.minimum(local, self.duration_s - local) / ramp, 1.0)
+        return float(np.mean(0.5 - 0.5 * np.cos(np.pi * edge)))
+
+
+def truth_file(log_file: str | Path) -> Path:
+    """Return where the simulator writes the truth of every pool sentence, beside its log."""
+    return Path(str(log_file) + ".pool_truth.npy")
+
+
+def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
+    """Stream the simulated subject until ``stop`` is set or a ``session_end`` marker arrives.
+
+    ``ready`` (an Event) is set once the data outlet exists, after the ground truth has loaded.
+    Every onset's noise-free response goes to ``config.log_file`` as one JSON line.
+    """
+    from acquisition.ground_truth import GroundTruth
+    from acquisition.lsl import configure_lsl, decode_marker
+
+    configure_lsl(Path(config.lsl_config) if config.lsl_config else None)
+    import pylsl
+
+    from synth.pool import load_pool_file
+
+    pool = load_pool_file(Path(config.pool_file), n_words=config.pool_n_words)
+    truth = GroundTruth(pool.texts, config.readout_weight, config.surprisal_weight, config.seed,
+                        config.surprisal_model)
+    np.save(truth_file(config.log_file), truth.reference_truth(pool.texts))
+    renderer = EcogRenderer(config)
+
+    info = pylsl.StreamInfo(config.data_stream, "ECoG", config.n_channels, config.sfreq,
+                            pylsl.cf_float32, config.source_id)
+    channels = info.desc().append_child("channels")
+    for name in channel_names(config.n_channels):
+        channel = channels.append_child("channel")
+        channel.append_child_value("label", name)
+        channel.append_child_value("unit", "a.u.")
+        channel.append_child_value("type", "HGA")
+    info.desc().append_child_value("simulator", json.dumps(asdict(config)))
+    outlet = pylsl.StreamOutlet(info, chunk_size=0, max_buffered=60)
+    if ready is not None:
+        ready.set()
+
+    marker_inlet = None
+    waited_since = time.monotonic()
+    period = 1.0 / config.sfreq
+    next_sample_time = pylsl.local_clock()
+    with open(config.log_file, "a", encoding="utf-8") as log:
+        while stop is None or not stop.is_set():
+            # Markers first, so that a response starting in this chunk is already scheduled.
+            if marker_inlet is None:
+                found = pylsl.resolve_byprop("name", config.marker_stream, 1, 0.05)
+                if found:
+                    marker_inlet = pylsl.StreamInlet(found[0],
+                                                     processing_flags=pylsl.proc_clocksync)
+                elif time.monotonic() - waited_since > config.marker_timeout_s:
+                    logger.error("No marker stream %r within %.0f s; the simulator stops.",
+                                 config.marker_stream, config.marker_timeout_s)
+                    break
+            else:
+                markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
+                ended = False
+                for (text,), stamp in zip(markers, stamps, strict=True):
+                    event = decode_marker(text)
+                    if event["type"] == "session_end":
+                        ended = True
+                    elif event["type"] == "onset":
+                        value = float(truth([event["text"]])[0])
+                        amplitudes = renderer.add_onset(stamp, value)
+                        log.write(json.dumps({
+                            "trial": event.get("trial"), "onset": stamp, "text": event["text"],
+                            "truth": value,
+                            "amplitudes": amplitudes[list(config.target_channels)].tolist(),
+                        }, ensure_ascii=False) + "\n")
+                        log.flush()
+                if ended:
+                    break
+
+            # Samples up to now, stamped with their acquisition times.
+            now = pylsl.local_clock()
+            n_samples = int((now - next_sample_time) / period)
+            if n_samples > 0:
+                times = next_sample_time + period * np.arange(n_samples)
+                data = renderer.render(times)
+                for start in range(0, n_samples, 250):
+                    outlet.push_chunk(data[start:start + 250], times[start:start + 250])
+                next_sample_time = times[-1] + period
+            time.sleep(0.005)
+    if marker_inlet is not None:
+        marker_inlet.close_stream()
+    del outlet
+
+
+def _process_main(config: SimulatorConfig, ready, stop) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s simulator %(message)s")
+    run_simulator(config, ready, stop)
+
+
+class SimulatorProcess:
+    """The simulated subject in a child process, started with the spawn method on every OS."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.config = config
+        self._ready = context.Event()
+        self._stop = context.Event()
+        self._process = context.Process(target=_process_main, args=(config, self._ready, self._stop),
+                                        name="neurosteer-simulator", daemon=True)
+
+    def start(self) -> None:
+        self._process.start()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the simulator streams; raise if it died or took longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.2):
+            if not self._process.is_alive():
+                raise RuntimeError(
+                    f"The simulated subject exited with code {self._process.exitcode} before it "
+                    "started streaming; its log above says why."
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"The simulated subject was not ready within {timeout_s:g} s.")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()

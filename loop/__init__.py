@@ -1,0 +1,1 @@
+"""The closed loop: configuration, the controller, presentation, session recording and the CLI."""

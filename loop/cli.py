@@ -1,0 +1,200 @@
+"""The ``neurosteer`` command: run sessions, rebuild reports, build candidate pools, simulate.
+
+Runs on the stimulus PC (or a laptop for dry runs). Errors that the user can fix (a malformed
+file, a missing model or stream) end the command with one clear message and exit code 2; the
+session file of a session that stopped keeps every completed trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_EXPERIMENT = REPO / "experiments" / "language_drive_suppress.toml"
+DEFAULT_RIG = REPO / "hardware_configs" / "simulated_ecog.toml"
+
+logger = logging.getLogger("neurosteer")
+
+
+class Progress:
+    """Terminal progress for a running session (rich), updated once per trial."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.console = console
+        self._progress = Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), "{task.fields[status]}", console=console)
+        self._task = None
+        self._sums: dict[str, list[float]] = {}
+
+    def __enter__(self) -> Progress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def features(self, n_done: int) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task("features", total=None, status="")
+        self._progress.advance(self._task, n_done)
+
+    def __call__(self, n_done: int) -> None:
+        self.features(n_done)
+
+    def phase(self, name: str, n_trials: int) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, visible=False)
+        self._task = self._progress.add_task(name, total=n_trials, status="")
+        self._sums = {}
+
+    def trial(self, record) -> None:
+        entry = self._sums.setdefault(record.condition, [0.0, 0.0, 0])
+        entry[0] += record.observed
+        entry[1] += 0.0 if np.isnan(record.predicted) else record.predicted
+        entry[2] += 1
+        status = "  ".join(f"{name} obs {sum_obs / n:+.2f} pred {sum_pred / n:+.2f}"
+                           for name, (sum_obs, sum_pred, n) in self._sums.items())
+        self._progress.update(self._task, advance=1, status=status)
+
+
+def _cmd_run(args) -> int:
+    from rich.console import Console
+
+    from loop.report import write_report
+    from loop.session import SessionOptions, run_session
+
+    console = Console()
+    started = time.perf_counter()
+    options = SessionOptions(Path(args.output), args.speed, args.display, args.seed)
+    with Progress(console) as progress:
+        path = run_session(Path(args.experiment), Path(args.rig), options, progress)
+    table, figure, report = write_report(path)
+    console.print(table, highlight=False, soft_wrap=True)
+    console.print(f"\nSession file: {path}\nFigure: {figure}\nReport: {report}")
+    console.print(f"Finished in {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from loop.report import write_report
+
+    table, figure, report = write_report(Path(args.session))
+    print(table)
+    print(f"\nFigure: {figure}\nReport: {report}")
+    return 0
+
+
+def _cmd_pool_build(args) -> int:
+    from synth.generation import generate_sentences, write_pool
+    from synth.models import load_causal_lm
+
+    loaded = load_causal_lm(args.model, args.device, args.dtype)
+    started = time.perf_counter()
+    sentences = generate_sentences(loaded, args.n, n_words=args.words, seed=args.seed,
+                                   top_p=args.top_p, temperature=args.temperature,
+                                   batch_size=args.batch_size)
+    elapsed = time.perf_counter() - started
+    write_pool(Path(args.output), sentences, {
+        "model": loaded.identity, "n_words": args.words, "seed": args.seed,
+        "top_p": args.top_p, "temperature": args.temperature, "batch_size": args.batch_size,
+        "generation_s": round(elapsed, 1),
+        "sentences_per_s": round(len(sentences) / elapsed, 2),
+    })
+    print(f"Wrote {len(sentences)} sentences to {args.output} in {elapsed:.0f} s.")
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from acquisition.simulated import run_simulator
+    from loop.config import load_experiment, load_rig, resolve_data_path
+    from loop.session import _simulator_config
+
+    rig_path, experiment_path = Path(args.rig), Path(args.experiment)
+    rig, experiment = load_rig(rig_path), load_experiment(experiment_path)
+    if rig.simulator is None:
+        print(f"{rig_path}: this rig has no [simulator] table.", file=sys.stderr)
+        return 2
+    pool_file = resolve_data_path(experiment.pool.file, experiment_path.parent)
+    config = _simulator_config(rig, rig_path, pool_file, experiment.pool.n_words,
+                               Path(args.log), args.speed)
+    run_simulator(config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neurosteer", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a session (a dry run on a simulated rig)")
+    run.add_argument("experiment", nargs="?", default=str(DEFAULT_EXPERIMENT),
+                     help="experiment file (TOML)")
+    run.add_argument("--rig", default=str(DEFAULT_RIG), help="rig file (TOML)")
+    run.add_argument("--speed", type=float, default=1.0,
+                     help="divide every duration by this factor (dry runs only)")
+    run.add_argument("--display", action="store_true", help="show stimuli in a PsychoPy window")
+    run.add_argument("--output", default="sessions", help="folder for the session files")
+    run.add_argument("--seed", type=int, default=None, help="override the experiment's seed")
+    run.set_defaults(handler=_cmd_run)
+
+    report = commands.add_parser("report", help="rebuild the report and figure of a session")
+    report.add_argument("session", help="session file (.h5)")
+    report.set_defaults(handler=_cmd_report)
+
+    pool = commands.add_parser("pool", help="candidate pools")
+    pool_commands = pool.add_subparsers(dest="pool_command", required=True)
+    build = pool_commands.add_parser("build", help="generate a pool with a language model")
+    build.add_argument("--model", default="embedded:gemma3-270m", help="model name or folder")
+    build.add_argument("--n", type=int, default=3000, help="number of sentences")
+    build.add_argument("--words", type=int, default=6, help="words per sentence")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for sampling")
+    build.add_argument("--temperature", type=float, default=1.0)
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    build.add_argument("--dtype", default="auto", help="auto, bfloat16 or float32")
+    build.add_argument("--output", required=True, help="pool file to write (.txt)")
+    build.set_defaults(handler=_cmd_pool_build)
+
+    simulate = commands.add_parser("simulate", help="run the simulated subject on its own")
+    simulate.add_argument("--rig", default=str(DEFAULT_RIG), help="rig file with [simulator]")
+    simulate.add_argument("--experiment", default=str(DEFAULT_EXPERIMENT),
+                          help="experiment whose pool is the truth's reference")
+    simulate.add_argument("--speed", type=float, default=1.0)
+    simulate.add_argument("--log", default="simulator.jsonl", help="truth log (JSON lines)")
+    simulate.set_defaults(handler=_cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from acquisition.errors import StreamLostError, StreamNotFoundError
+    from loop.errors import ConfigError, DeadlineMissedError, SessionAbortedError
+    from synth.errors import CacheCorruptError, ModelNotFoundError
+    from synth.pool import PoolFileError
+
+    args = build_parser().parse_args(argv)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False)])
+    for noisy in ("transformers", "sentence_transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except (ConfigError, ModelNotFoundError, CacheCorruptError, PoolFileError,
+            StreamNotFoundError, StreamLostError, DeadlineMissedError, SessionAbortedError,
+            FileExistsError) as err:
+        print(f"neurosteer: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The closed-loop controller: calibration, closed-loop blocks and evaluation.
+
+Runs in the session's main process. Everything it touches is passed in: the presenter (which sends
+markers), the response source (an LSL inlet or an in-process simulator), the recorder, the clock and
+a seeded Generator, so the same controller runs a real session, a dry run and the benchmarks.
+Per trial it presents the stimulus, waits for its response window, updates the encoding model by a
+rank-one step and chooses the next stimulus before the next onset is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from loop.config import Experiment
+from loop.presentation import Stimulus
+from loop.recording import TrialRecord
+from loop.selection import select_diverse, select_random, select_top
+from synth.encoding import PoolScorer, RidgeEncoder, Standardizer, alpha_grid, ridge_loo
+from synth.objectives import objective_for
+from synth.pool import CandidatePool
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("closed_loop", "open_loop", "random")
+# An onset later than this counts as late (a bit over one frame at 60 Hz).
+LATE_ONSET_S = 0.020
+
+
+@dataclass
+class ControllerState:
+    """What the controller has learnt so far; also what a report or benchmark reads back."""
+
+    shown: np.ndarray
+    indices: list[int] = field(default_factory=list)
+    responses: list[float] = field(default_factory=list)
+    layer: int | None = None
+    layer_cv_r: dict[int, float] = field(default_factory=dict)
+    trials: list[TrialRecord] = field(default_factory=list)
+    selection_times_s: list[float] = field(default_factory=list)
+    n_late_onsets: int = 0
+
+
+class Controller:
+    """Runs one session's trial schedule against a presenter and a response source."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        pool: CandidatePool,
+        pool_features: dict[int, np.ndarray],
+        target_indices: list[int],
+        presenter,
+        responses,
+        clock,
+        rng: np.random.Generator,
+        recorder=None,
+        speed: float = 1.0,
+        policy: str = "closed_loop",
+        on_trial: Callable[[TrialRecord], None] | None = None,
+        on_phase: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
+        self.experiment = experiment
+        self.pool = pool
+        self.pool_features = pool_features
+        self.target_indices = list(target_indices)
+        self.presenter = presenter
+        self.responses = responses
+        self.clock = clock
+        self.rng = rng
+        self.recorder = recorder
+        self.speed = speed
+        self.policy = policy
+        self.on_trial = on_trial
+        self.on_phase = on_phase
+        encoding = experiment.encoding
+        self.alphas = alpha_grid(encoding.alpha_min, encoding.alpha_max, encoding.n_alphas)
+        self.state = ControllerState(shown=np.zeros(len(pool), dtype=bool))
+        self.encoder: RidgeEncoder | None = None
+        self.scorer: PoolScorer | None = None
+        self._next_due: float | None = None
+        self._trial_index = 0
+
+    # Timing
+
+    def _seconds(self, value: float) -> float:
+        return value / self.speed
+
+    def _advance_due(self, onset: float) -> None:
+        timing = self.experiment.timing
+        jitter = self.rng.uniform(-timing.iti_jitter_s, timing.iti_jitter_s)
+        self._next_due = onset + self._seconds(timing.stimulus_duration_s + timing.iti_s + jitter)
+
+    # One trial
+
+    def _run_trial(self, phase: str, block: int, condition: str, index: int,
+                   predicted: float, predicted_sd: float, update: bool) -> TrialRecord:
+        stimulus = Stimulus(self.pool.ids[index], self.pool.texts[index])
+        self.state.shown[index] = True
+        due = self._next_due if self._next_due is not None else self.clock.now() + self._seconds(1.0)
+        onset = self.presenter.present(self._trial_index, condition, stimulus, due,
+                                       self._seconds(self.experiment.timing.stimulus_duration_s))
+        if self.recorder is not None:
+            self.recorder.add_marker(onset.time, onset.marker)
+        if onset.late_s > LATE_ONSET_S:
+            self.state.n_late_onsets += 1
+            if self.recorder is not None:
+                self.recorder.add_fault(onset.time, "late_onset",
+                                        f"trial {self._trial_index} started {onset.late_s:.3f} s "
+                                        "after its due time")
+        self._advance_due(onset.time)
+
+        channels = self.responses.collect(onset.time, stimulus)
+        observed = float(np.mean(channels[self.target_indices]))
+        record = TrialRecord(
+            trial=self._trial_index, phase=phase, block=block, condition=condition,
+            stimulus_id=stimulus.stimulus_id, text=stimulus.text, due=due, onset=onset.time,
+            late_s=onset.late_s, n_dropped_frames=onset.n_dropped_frames, predicted=predicted,
+            predicted_sd=predicted_sd, observed=observed, epoch_ok=True, marker=onset.marker,
+        )
+        self.state.trials.append(record)
+        if self.recorder is not None:
+            self.recorder.add_trial(record, channels)
+        if self.on_trial is not None:
+            self.on_trial(record)
+        self._trial_index += 1
+
+        self.state.indices.append(index)
+        self.state.responses.append(observed)
+        if update and self.encoder is not None:
+            started = time.perf_counter()
+            directions = self.encoder.update(self.pool_features[self.state.layer][index][None],
+                                             np.array([[observed]]))
+            self.scorer.apply_update(directions)
+            self.state.selection_times_s.append(time.perf_counter() - started)
+            self._record_update("online")
+        return record
+
+    def _prediction(self, index: int) -> tuple[float, float]:
+        if self.scorer is None:
+            return float("nan"), float("nan")
+        return float(self.scorer.mean[index, 0]), float(self.scorer.sd[index, 0])
+
+    def _record_update(self, kind: str) -> None:
+        if self.recorder is None:
+            return
+        encoder = self.encoder
+        self.recorder.add_model_update(self._trial_index - 1, kind, encoder.n_samples,
+                                       encoder.alphas, encoder.cv_r, encoder.noise_var,
+                                       encoder.weights)
+
+    # Phases
+
+    def _phase(self, name: str, n_trials: int) -> None:
+        logger.info("Phase %s: %d trials.", name, n_trials)
+        if self.on_phase is not None:
+            self.on_phase(name, n_trials)
+        self.presenter.show_message(name)
+
+    def calibrate(self, n_trials: int) -> None:
+        """Present diverse pool sentences, then choose the layer and fit the encoding model."""
+        self._phase("calibration", n_trials)
+        layers = sorted(self.pool_features)
+        middle = layers[len(layers) // 2]
+        standard = Standardizer.fit(self.pool_features[middle])
+        diverse = select_diverse(standard.transform(self.pool_features[middle])[:, :-1],
+                                 ~self.state.shown, n_trials, self.rng)
+        for index in diverse:
+            self._run_trial("calibration", 0, "calibration", int(index), float("nan"),
+                            float("nan"), update=False)
+        self.fit(choose_layer=True)
+
+    def fit(self, choose_layer: bool = False) -> None:
+        """Fit the encoding model from scratch on every response so far (penalties by LOO)."""
+        responses = np.asarray(self.state.responses)[:, None]
+        indices = np.asarray(self.state.indices, dtype=int)
+        if choose_layer:
+            for layer in sorted(self.pool_features):
+                standard = Standardizer.fit(self.pool_features[layer])
+                design = standard.transform(self.pool_features[layer][indices])[:, :-1]
+                self.state.layer_cv_r[layer] = float(ridge_loo(design, responses,
+                                                               self.alphas).cv_r[0])
+            self.state.layer = max(self.state.layer_cv_r, key=self.state.layer_cv_r.get)
+            logger.info("Layer cross-validated r: %s; chose layer %d.",
+                        {k: round(v, 3) for k, v in self.state.layer_cv_r.items()},
+                        self.state.layer)
+            if self.recorder is not None:
+                layers = sorted(self.state.layer_cv_r)
+                self.recorder.write_array("model/layer_selection/layers", np.array(layers))
+                self.recorder.write_array("model/layer_selection/cv_r",
+                                          np.array([self.state.layer_cv_r[k] for k in layers]),
+                                          {"chosen_layer": self.state.layer})
+        features = self.pool_features[self.state.layer]
+        if self.encoder is None:
+            self.encoder = RidgeEncoder(Standardizer.fit(features), ["target"])
+        self.encoder.fit(features[indices], responses, self.alphas)
+        if self.scorer is None:
+            self.scorer = PoolScorer(self.encoder, features)
+        else:
+            self.scorer.refresh()
+        self._record_update("fit")
+        logger.info("Encoding model: alpha %.3g, cross-validated r %.3f on %d trials.",
+                    self.encoder.alphas[0], self.encoder.cv_r[0], self.encoder.n_samples)
+
+    def _choose(self, condition: str, exploration: float) -> int:
+        available = ~self.state.shown
+        if condition == "baseline" or self.policy == "random":
+            return int(select_random(available, 1, self.rng)[0])
+        value, sd = objective_for(condition).evaluate(self.scorer.mean, self.scorer.sd)
+        return int(select_top(value, sd, available, exploration, 1)[0])
+
+    def closed_loop(self) -> None:
+        """Blocks of drive, suppress and baseline trials, updating the model after every trial."""
+        settings = self.experiment.closed_loop
+        conditions = (["drive"] * settings.n_drive + ["suppress"] * settings.n_suppress
+                      + ["baseline"] * settings.n_baseline)
+        self._phase("closed_loop", settings.n_blocks * len(conditions))
+        for block in range(1, settings.n_blocks + 1):
+            order = self.rng.permutation(conditions)
+            for condition in order:
+                started = time.perf_counter()
+                index = self._choose(str(condition), self.experiment.encoding.exploration)
+                self.state.selection_times_s.append(time.perf_counter() - started)
+                predicted, predicted_sd = self._prediction(index)
+                self._run_trial("closed_loop", block, str(condition), index, predicted,
+                                predicted_sd, update=True)
+            self.fit()
+
+    def evaluate(self) -> None:
+        """Fresh drive, suppress and baseline sentences chosen by the final model, in mixed order."""
+        n = self.experiment.evaluation.n_per_condition
+        self._phase("evaluation", 3 * n)
+        available = ~self.state.shown
+        if self.policy == "random":
+            chosen = select_random(available, 3 * n, self.rng)
+            plan = list(zip(["drive"] * n + ["suppress"] * n + ["baseline"] * n, chosen,
+                            strict=True))
+        else:
+            drive = select_top(*objective_for("drive").evaluate(self.scorer.mean, self.scorer.sd),
+                               available, 0.0, n)
+            available[drive] = False
+            suppress = select_top(*objective_for("suppress").evaluate(self.scorer.mean,
+                                                                     self.scorer.sd),
+                                  available, 0.0, n)
+            available[suppress] = False
+            baseline = select_random(available, n, self.rng)
+            plan = ([("drive", i) for i in drive] + [("suppress", i) for i in suppress]
+                    + [("baseline", i) for i in baseline])
+        for position in self.rng.permutation(len(plan)):
+            condition, index = plan[position]
+            predicted, predicted_sd = self._prediction(int(index))
+            self._run_trial("evaluation", 0, condition, int(index), predicted, predicted_sd,
+                            update=False)
+
+    def run(self) -> ControllerState:
+        """Run calibration, the closed loop and evaluation, as the policy prescribes."""
+        self.presenter.open()
+        calibration = self.experiment.calibration.n_trials
+        if self.policy == "open_loop":
+            # The anchor study's method: the whole budget on calibration, no updates afterwards.
+            loop = self.experiment.closed_loop
+            calibration += loop.n_blocks * (loop.n_drive + loop.n_suppress + loop.n_baseline)
+            self.calibrate(calibration)
+        elif self.policy == "random":
+            self.calibrate(calibration)
+            loop = self.experiment.closed_loop
+            for _ in range(loop.n_blocks * (loop.n_drive + loop.n_suppress + loop.n_baseline)):
+                index = int(select_random(~self.state.shown, 1, self.rng)[0])
+                self._run_trial("closed_loop", 0, "random", index, float("nan"), float("nan"),
+                                update=False)
+        else:
+            self.calibrate(calibration)
+            self.closed_loop()
+        self.evaluate()
+        return self.state

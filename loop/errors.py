@@ -1,0 +1,13 @@
+"""Errors raised by the session layer: configuration, deadlines and session state."""
+
+
+class ConfigError(ValueError):
+    """An experiment or rig file that does not validate; the message lists every problem."""
+
+
+class DeadlineMissedError(RuntimeError):
+    """The controller repeatedly missed its onset deadlines."""
+
+
+class SessionAbortedError(RuntimeError):
+    """A session stopped before its schedule ended; the trials recorded so far are kept."""

@@ -1,0 +1,175 @@
+"""The session file: one HDF5 file written as the session goes and flushed after every trial.
+
+Runs in the controller process; the control loop calls it between trials, never inside a display
+frame. Tables are groups of resizable one-dimensional datasets (one per column), so a session that
+stops early leaves every completed row readable. Text is stored as UTF-8, byte for byte as shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TEXT = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One row of the trial table."""
+
+    trial: int
+    phase: str
+    block: int
+    condition: str
+    stimulus_id: str
+    text: str
+    due: float
+    onset: float
+    late_s: float
+    n_dropped_frames: int
+    predicted: float
+    predicted_sd: float
+    observed: float
+    epoch_ok: bool
+    marker: str
+
+
+def _column_dtype(value):
+    if isinstance(value, str):
+        return TEXT
+    if isinstance(value, bool):
+        return np.bool_
+    if isinstance(value, int):
+        return np.int64
+    return np.float64
+
+
+class Table:
+    """Append-only columns under one HDF5 group."""
+
+    def __init__(self, group: h5py.Group) -> None:
+        self.group = group
+
+    def append(self, row: dict) -> None:
+        for name, value in row.items():
+            array = np.asarray(value)
+            if name not in self.group:
+                dtype = _column_dtype(value) if array.ndim == 0 else array.dtype
+                self.group.create_dataset(name, shape=(0, *array.shape), maxshape=(None, *array.shape),
+                                          dtype=dtype, chunks=(256, *array.shape) if array.ndim == 0
+                                          else (64, *array.shape))
+            dataset = self.group[name]
+            dataset.resize(dataset.shape[0] + 1, axis=0)
+            dataset[-1] = value
+
+    def __len__(self) -> int:
+        names = list(self.group)
+        return self.group[names[0]].shape[0] if names else 0
+
+
+class SessionRecorder:
+    """Writes one session to ``path``; refuses to overwrite an existing file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(
+                f"{self.path} already exists; a session file is never overwritten. Choose "
+                "another output folder or move the old file."
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.path, "w", libver="latest")
+        self.file.attrs["format_version"] = FORMAT_VERSION
+        self.file.attrs["status"] = "running"
+        self._trials = Table(self.file.create_group("trials"))
+        self._updates = Table(self.file.create_group("model/updates"))
+        self._faults = Table(self.file.create_group("faults"))
+        self._markers = Table(self.file.create_group("markers"))
+        self._streams: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
+
+    def write_metadata(self, experiment_text: str, rig_text: str, metadata: dict) -> None:
+        """Store both configuration files verbatim and the session's metadata as JSON."""
+        config = self.file.create_group("config")
+        config.create_dataset("experiment", data=experiment_text, dtype=TEXT)
+        config.create_dataset("rig", data=rig_text, dtype=TEXT)
+        for key, value in metadata.items():
+            self.file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        self.file.flush()
+
+    def write_stimuli(self, ids: list[str], texts: list[str], source: str) -> None:
+        group = self.file.create_group("stimuli")
+        group.attrs["source"] = source
+        group.create_dataset("stimulus_id", data=ids, dtype=TEXT)
+        group.create_dataset("text", data=texts, dtype=TEXT)
+
+    def write_array(self, name: str, data, attrs: dict | None = None, dtype=None) -> None:
+        """Store one array (or string) under ``name``, replacing an earlier one."""
+        if name in self.file:
+            del self.file[name]
+        if isinstance(data, np.ndarray) and data.dtype.kind == "U":
+            data, dtype = data.astype(object), TEXT
+        dataset = self.file.create_dataset(name, data=data, dtype=dtype)
+        for key, value in (attrs or {}).items():
+            dataset.attrs[key] = value
+
+    def add_stream(self, name: str, channel_names: list[str], sfreq: float, source_id: str) -> None:
+        group = self.file.create_group(f"streams/{name}")
+        group.attrs.update({"sfreq": sfreq, "source_id": source_id,
+                            "channel_names": json.dumps(channel_names)})
+        n_channels = len(channel_names)
+        data = group.create_dataset("data", shape=(0, n_channels), maxshape=(None, n_channels),
+                                    dtype=np.float32, chunks=(1024, n_channels))
+        times = group.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype=np.float64,
+                                     chunks=(4096,))
+        self._streams[name] = (data, times)
+
+    def add_chunk(self, name: str, data: np.ndarray, timestamps: np.ndarray) -> None:
+        """Append raw samples ``(n_samples, n_channels)`` with their LSL timestamps."""
+        if len(timestamps) == 0:
+            return
+        dataset, times = self._streams[name]
+        start = dataset.shape[0]
+        dataset.resize(start + len(timestamps), axis=0)
+        times.resize(start + len(timestamps), axis=0)
+        dataset[start:] = data
+        times[start:] = timestamps
+
+    def add_marker(self, timestamp: float, text: str) -> None:
+        self._markers.append({"timestamp": timestamp, "text": text})
+
+    def add_trial(self, record: TrialRecord, observed_channels: np.ndarray) -> None:
+        """Append one trial and flush the file, so that a crash keeps it."""
+        row = {field.name: getattr(record, field.name) for field in fields(record)}
+        row["observed_channels"] = np.asarray(observed_channels, dtype=np.float64)
+        self._trials.append(row)
+        self.file.flush()
+
+    def add_model_update(self, trial: int, kind: str, n_samples: int, alphas: np.ndarray,
+                         cv_r: np.ndarray, noise_var: np.ndarray, weights: np.ndarray) -> None:
+        self._updates.append({"trial": trial, "kind": kind, "n_samples": n_samples,
+                              "alphas": alphas, "cv_r": cv_r, "noise_var": noise_var,
+                              "weights": weights.astype(np.float32)})
+
+    def add_fault(self, time: float, kind: str, message: str) -> None:
+        logger.warning("%s: %s", kind, message)
+        self._faults.append({"time": time, "kind": kind, "message": message})
+        self.file.flush()
+
+    @property
+    def n_trials(self) -> int:
+        return len(self._trials)
+
+    def close(self, status: str = "complete") -> None:
+        """Mark the session's final status and close the file; safe to call twice."""
+        if self.file.id.valid:
+            self.file.attrs["status"] = status
+            self.file.flush()
+            self.file.close()

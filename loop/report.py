@@ -1,0 +1,227 @@
+"""Session reports rebuilt from the session file alone: a summary table, a figure and a text file.
+
+Runs after a session, in the ``neurosteer run`` and ``neurosteer report`` commands. The summary is
+per condition of the evaluation phase: n, observed mean with its 95% CI (Student t), predicted mean,
+change from baseline in % and in baseline SDs, and for dry runs the noise-free truth with its
+percentile in the candidate pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy import stats
+
+logger = logging.getLogger(__name__)
+
+CONDITIONS = ("drive", "baseline", "suppress")
+
+
+@dataclass(frozen=True)
+class ConditionSummary:
+    """Evaluation statistics of one condition."""
+
+    condition: str
+    n: int
+    observed_mean: float
+    ci_low: float
+    ci_high: float
+    predicted_mean: float
+    change_percent: float
+    change_sd: float
+    truth_mean: float | None
+    truth_percentile: float | None
+
+
+def _text_column(dataset) -> list[str]:
+    return [value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            for value in dataset[()]]
+
+
+def read_trials(file: h5py.File) -> dict[str, np.ndarray]:
+    """Return the trial table as columns; text columns decoded from UTF-8."""
+    group = file["trials"]
+    columns = {}
+    for name, dataset in group.items():
+        if h5py.check_string_dtype(dataset.dtype) is not None:
+            columns[name] = np.array(_text_column(dataset), dtype=object)
+        else:
+            columns[name] = dataset[()]
+    return columns
+
+
+def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
+    """Compute the evaluation summary of a session file; also return facts for the report."""
+    with h5py.File(path, "r") as file:
+        trials = read_trials(file)
+        facts = {key: (value.decode() if isinstance(value, bytes) else value)
+                 for key, value in file.attrs.items()}
+        truth_by_trial, pool_truth = {}, None
+        if "simulator/truth" in file:
+            truth_by_trial = dict(zip(file["simulator/trial"][()].tolist(),
+                                      file["simulator/truth"][()].tolist(), strict=True))
+        if "simulator/pool_truth" in file:
+            pool_truth = file["simulator/pool_truth"][()]
+        if "model/layer_selection/cv_r" in file:
+            facts["layer_cv_r"] = dict(zip(file["model/layer_selection/layers"][()].tolist(),
+                                           file["model/layer_selection/cv_r"][()].tolist(),
+                                           strict=True))
+        facts["rig_text"] = file["config/rig"][()].decode("utf-8") if "config/rig" in file else ""
+        facts["n_faults"] = file["faults/kind"].shape[0] if "faults/kind" in file else 0
+    facts["n_trials"] = len(trials.get("trial", []))
+
+    evaluation = trials["phase"] == "evaluation" if facts["n_trials"] else np.array([], bool)
+    observed = {c: trials["observed"][evaluation & (trials["condition"] == c)]
+                for c in CONDITIONS}
+    baseline = observed["baseline"]
+    baseline_mean = float(np.mean(baseline)) if len(baseline) else float("nan")
+    baseline_sd = float(np.std(baseline, ddof=1)) if len(baseline) > 1 else float("nan")
+    summaries = []
+    for condition in CONDITIONS:
+        mask = evaluation & (trials["condition"] == condition)
+        values = trials["observed"][mask]
+        n = len(values)
+        if n == 0:
+            continue
+        mean = float(np.mean(values))
+        half = (float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
+                if n > 1 else float("nan"))
+        truth_mean = truth_percentile = None
+        if truth_by_trial:
+            truth = np.array([truth_by_trial.get(int(t), np.nan) for t in trials["trial"][mask]])
+            truth_mean = float(np.nanmean(truth))
+            if pool_truth is not None:
+                truth_percentile = float(stats.percentileofscore(pool_truth, truth_mean))
+        summaries.append(ConditionSummary(
+            condition, n, mean, mean - half, mean + half,
+            float(np.nanmean(trials["predicted"][mask])),
+            100.0 * (mean - baseline_mean) / abs(baseline_mean) if baseline_mean else float("nan"),
+            (mean - baseline_mean) / baseline_sd if baseline_sd else float("nan"),
+            truth_mean, truth_percentile,
+        ))
+    facts["trials"] = trials
+    facts["pool_truth"] = pool_truth
+    facts["truth_by_trial"] = truth_by_trial
+    return summaries, facts
+
+
+def ordering_holds(summaries: list[ConditionSummary]) -> bool:
+    """Return whether drive > baseline > suppress with non-overlapping 95% CIs."""
+    by = {s.condition: s for s in summaries}
+    if not all(c in by for c in CONDITIONS):
+        return False
+    return (by["drive"].ci_low > by["baseline"].ci_high
+            and by["baseline"].ci_low > by["suppress"].ci_high)
+
+
+def format_table(summaries: list[ConditionSummary]) -> str:
+    """Return the summary as a fixed-width text table."""
+    header = (f"{'condition':<10} {'n':>4} {'observed':>9} {'95% CI':>17} {'predicted':>10} "
+              f"{'vs baseline':>12} {'in SDs':>7} {'truth':>7} {'pool pct':>9}")
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        truth = f"{s.truth_mean:7.2f}" if s.truth_mean is not None else f"{'-':>7}"
+        percentile = (f"{s.truth_percentile:8.1f}%" if s.truth_percentile is not None
+                      else f"{'-':>9}")
+        lines.append(
+            f"{s.condition:<10} {s.n:>4} {s.observed_mean:9.3f} "
+            f"[{s.ci_low:7.3f}, {s.ci_high:7.3f}] {s.predicted_mean:10.3f} "
+            f"{s.change_percent:+11.1f}% {s.change_sd:+7.2f} {truth} {percentile}"
+        )
+    return "\n".join(lines)
+
+
+def plot(summaries: list[ConditionSummary], facts: dict, path: Path) -> None:
+    """Write the session figure: evaluation by condition, the trial sequence, pool truth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"drive": "tab:red", "baseline": "tab:gray", "suppress": "tab:blue",
+               "calibration": "tab:olive", "random": "tab:olive"}
+    trials = facts["trials"]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+
+    ax = axes[0]
+    for position, s in enumerate(summaries):
+        ax.bar(position, s.observed_mean, color=colours[s.condition], alpha=0.7)
+        ax.errorbar(position, s.observed_mean, yerr=[[s.observed_mean - s.ci_low],
+                                                     [s.ci_high - s.observed_mean]],
+                    color="black", capsize=6)
+        ax.plot(position, s.predicted_mean, "kD", label="predicted" if position == 0 else None)
+    ax.set_xticks(range(len(summaries)), [s.condition for s in summaries])
+    ax.set_ylabel("observed response (a.u.)")
+    ax.set_title("Evaluation: mean and 95% CI")
+    ax.legend(loc="best")
+
+    ax = axes[1]
+    for condition, colour in colours.items():
+        mask = trials["condition"] == condition
+        if mask.any():
+            ax.plot(trials["trial"][mask], trials["observed"][mask], ".", color=colour,
+                    label=condition, alpha=0.7)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("observed response (a.u.)")
+    ax.set_title("Every trial")
+    ax.legend(loc="best", fontsize=8)
+
+    ax = axes[2]
+    pool_truth = facts["pool_truth"]
+    if pool_truth is not None:
+        ax.hist(pool_truth, bins=50, color="lightgray", label="pool")
+        for s in summaries:
+            if s.truth_mean is not None:
+                ax.axvline(s.truth_mean, color=colours[s.condition], lw=2,
+                           label=f"{s.condition} mean ({s.truth_percentile:.0f}th pct)")
+        ax.set_xlabel("noise-free truth (z over the pool)")
+        ax.set_title("Evaluation sentences in the pool")
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no simulator truth (live session)", ha="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(session_file: Path) -> tuple[str, Path, Path]:
+    """Rebuild the summary, figure (``.png``) and report (``_report.md``) beside the session."""
+    session_file = Path(session_file)
+    summaries, facts = summarise(session_file)
+    table = format_table(summaries)
+    figure_path = session_file.with_suffix(".png")
+    report_path = session_file.with_name(session_file.stem + "_report.md")
+    plot(summaries, facts, figure_path)
+    by = {s.condition: s for s in summaries}
+    lines = [f"# Session report: {session_file.name}", "",
+             f"- status: {facts.get('status')}; trials: {facts['n_trials']}; "
+             f"faults: {facts['n_faults']}",
+             f"- model: {facts.get('model_identity')}; chosen layer: {facts.get('chosen_layer')}",
+             f"- seed: {facts.get('seed')}; speed factor: {facts.get('speed')}"]
+    if "layer_cv_r" in facts:
+        cv = ", ".join(f"layer {k}: {v:.3f}" for k, v in facts["layer_cv_r"].items())
+        lines.append(f"- calibration cross-validated r by layer: {cv}")
+    lines += ["", "## Evaluation", "", "```", table, "```", "",
+              f"drive > baseline > suppress with non-overlapping 95% CIs: "
+              f"{'yes' if ordering_holds(summaries) else 'no'}"]
+    if "drive" in by and by["drive"].truth_percentile is not None:
+        lines.append(f"noise-free truth of evaluation sentences: drive at the "
+                     f"{by['drive'].truth_percentile:.1f}th percentile of the pool, suppress at "
+                     f"the {by['suppress'].truth_percentile:.1f}th.")
+    if facts["rig_text"]:
+        lines += ["", "## Rig (with the simulator's settings, for dry runs)", "", "```toml",
+                  facts["rig_text"].strip(), "```"]
+    lines += ["", f"![session figure]({figure_path.name})", ""]
+    report_path.write_text("\n".join(lines), encoding="utf-8")
+    return table, figure_path, report_path
+
+
+def load_versions(path: Path) -> dict:
+    with h5py.File(path, "r") as file:
+        return json.loads(file.attrs.get("versions", "{}"))

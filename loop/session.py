@@ -1,0 +1,257 @@
+"""Start, run and close one session: models, streams, presenter, controller and session file.
+
+Runs in the process of the ``neurosteer run`` command. For a simulated rig it also starts the
+simulated subject in a child process. The order of closing matters: the inlet goes before its
+outlet (liblsl logs a broken transmission otherwise), and the session file is closed last, after
+the simulated subject's truth log has been merged into it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from loop.config import (
+    Experiment,
+    Rig,
+    load_experiment,
+    load_rig,
+    lsl_config_path,
+    resolve_data_path,
+)
+from loop.errors import ConfigError, SessionAbortedError
+from loop.recording import TEXT
+
+logger = logging.getLogger(__name__)
+
+RECORDED_PACKAGES = ("neurosteer", "numpy", "scipy", "torch", "transformers", "h5py", "pylsl",
+                     "pyzmq", "pydantic", "sentence-transformers", "psychopy")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to run a session: where to write, how fast, and whether to open a window."""
+
+    output_dir: Path
+    speed: float = 1.0
+    display: bool = False
+    seed: int | None = None
+    simulator_ready_timeout_s: float = 900.0
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def load_pool_and_features(experiment: Experiment, experiment_path: Path, progress=None):
+    """Load the candidate pool and its features for every candidate layer (cached on disk)."""
+    from synth.features import TextFeatureExtractor
+    from synth.models import load_causal_lm
+    from synth.pool import load_pool_file
+
+    pool_path = resolve_data_path(experiment.pool.file, experiment_path.parent)
+    pool = load_pool_file(pool_path, experiment.pool.column, experiment.pool.n_words)
+    settings = experiment.model
+    loaded = load_causal_lm(settings.name, settings.device, settings.dtype)
+    extractor = TextFeatureExtractor(loaded, settings.layers, settings.pooling,
+                                     settings.batch_size)
+    features = extractor.extract(pool.texts, progress=progress)
+    return pool, features, loaded.identity
+
+
+def _simulator_config(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: int | None,
+                      log_file: Path, speed: float):
+    from acquisition.simulated import SimulatorConfig
+
+    simulator = rig.simulator
+    lsl_path = lsl_config_path(rig, rig_path)
+    return SimulatorConfig(
+        data_stream=rig.lsl.data_stream, marker_stream=rig.lsl.marker_stream,
+        source_id=f"neurosteer-sim-{simulator.seed}", pool_file=str(pool_file),
+        log_file=str(log_file), pool_n_words=pool_n_words, lsl_config=str(lsl_path) if lsl_path else None,
+        n_channels=simulator.n_channels, sfreq=simulator.sfreq,
+        target_channels=tuple(simulator.target_channels), snr=simulator.snr,
+        signal_sd=simulator.signal_sd, mean_level=simulator.mean_level,
+        latency_s=simulator.latency_s, response_duration_s=simulator.response_duration_s,
+        baseline_s=simulator.baseline_s, readout_weight=simulator.readout_weight,
+        surprisal_weight=simulator.surprisal_weight, surprisal_model=simulator.surprisal_model,
+        seed=simulator.seed, speed=speed,
+    )
+
+
+def _merge_simulator_log(recorder, log_file: Path, truth_file: Path) -> None:
+    """Copy the simulated subject's noise-free responses into the session file."""
+    if truth_file.exists():
+        recorder.write_array("simulator/pool_truth", np.load(truth_file, allow_pickle=False))
+    if not log_file.exists():
+        return
+    rows = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    if not rows:
+        return
+    recorder.write_array("simulator/trial", np.array([row["trial"] for row in rows]))
+    recorder.write_array("simulator/onset", np.array([row["onset"] for row in rows]))
+    recorder.write_array("simulator/truth", np.array([row["truth"] for row in rows]))
+    recorder.write_array("simulator/amplitudes", np.array([row["amplitudes"] for row in rows]))
+    recorder.write_array("simulator/text", [row["text"] for row in rows], dtype=TEXT)
+
+
+def session_path(output_dir: Path, name: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(output_dir) / f"{name}_{stamp}.h5"
+
+
+def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
+                progress=None) -> Path:
+    """Run one session end to end and return the path of its session file."""
+    from acquisition.lsl import DataInlet, MarkerOutlet, configure_lsl
+    from acquisition.responses import LSLResponses
+    from acquisition.simulated import SimulatorProcess, channel_names
+    from loop.clock import LSLClock
+    from loop.controller import Controller
+    from loop.presentation import HeadlessPresenter
+    from loop.recording import SessionRecorder
+
+    experiment_path, rig_path = Path(experiment_path), Path(rig_path)
+    experiment = load_experiment(experiment_path)
+    rig = load_rig(rig_path)
+    seed = experiment.experiment.seed if options.seed is None else options.seed
+    configure_lsl(lsl_config_path(rig, rig_path))
+
+    path = session_path(options.output_dir, experiment.experiment.name)
+    recorder = SessionRecorder(path)
+    simulator = inlet = outlet = presenter = None
+    status = "aborted"
+    try:
+        recorder.write_metadata(
+            experiment_path.read_text(encoding="utf-8"), rig_path.read_text(encoding="utf-8"),
+            {"experiment_file": str(experiment_path), "rig_file": str(rig_path), "seed": seed,
+             "speed": options.speed, "kind": "dry_run" if rig.simulator else "live",
+             "started": dt.datetime.now().isoformat(timespec="seconds"),
+             "versions": package_versions()},
+        )
+        pool_file = resolve_data_path(experiment.pool.file, experiment_path.parent)
+        if rig.simulator is not None:
+            if rig.simulator.n_channels and any(
+                    name not in channel_names(rig.simulator.n_channels)
+                    for name in experiment.response.target_channels):
+                raise ConfigError(f"{experiment_path}: response.target_channels: channels "
+                                  f"{list(experiment.response.target_channels)} are not all "
+                                  f"among the simulator's channels ECOG001..ECOG"
+                                  f"{rig.simulator.n_channels:03d}.")
+            log_file = path.with_suffix(".simulator.jsonl")
+            simulator = SimulatorProcess(_simulator_config(
+                rig, rig_path, pool_file, experiment.pool.n_words, log_file, options.speed))
+            simulator.start()
+
+        pool, features, model_identity = load_pool_and_features(experiment, experiment_path,
+                                                                progress)
+        recorder.write_stimuli(pool.ids, pool.texts, pool.source)
+        recorder.file.attrs["model_identity"] = model_identity
+
+        # Streams: the marker outlet first, so the simulated subject can find it while it loads.
+        outlet = MarkerOutlet(rig.lsl.marker_stream, f"neurosteer-markers-{path.stem}")
+        if simulator is not None:
+            simulator.wait_ready(options.simulator_ready_timeout_s)
+        inlet = DataInlet(rig.lsl.data_stream, rig.lsl.resolve_timeout_s)
+        description = inlet.description
+        missing = [name for name in experiment.response.target_channels
+                   if name not in description.channel_names]
+        if missing:
+            raise ConfigError(f"{experiment_path}: response.target_channels: {missing} are not "
+                              f"channels of stream {description.name!r} "
+                              f"({', '.join(description.channel_names[:4])}, ...).")
+        targets = [description.channel_names.index(name)
+                   for name in experiment.response.target_channels]
+        recorder.add_stream(description.name, list(description.channel_names), description.sfreq,
+                            description.source_id)
+
+        from acquisition.epochs import ResponseWindow
+
+        response = experiment.response
+        window = ResponseWindow(response.tmin_s, response.tmax_s, *response.baseline_s)
+        clock = LSLClock()
+        responses = LSLResponses(
+            inlet, window.scaled(options.speed), clock,
+            on_chunk=lambda data, times: recorder.add_chunk(description.name, data, times),
+        )
+        if options.display:
+            presenter = _psychopy_presenter(rig, clock, outlet)
+        else:
+            presenter = HeadlessPresenter(clock, outlet)
+
+        controller = Controller(
+            experiment, pool, features, targets, presenter, responses, clock,
+            np.random.default_rng(seed), recorder=recorder, speed=options.speed,
+            on_trial=progress.trial if progress is not None else None,
+            on_phase=progress.phase if progress is not None else None,
+        )
+        state = controller.run()
+        recorder.file.attrs["chosen_layer"] = state.layer
+        recorder.write_array("model/final", np.array(0), {"identity": model_identity})
+        for key, value in controller.encoder.to_arrays().items():
+            recorder.write_array(f"model/final_state/{key}", value)
+        status = "complete"
+        return path
+    except KeyboardInterrupt as err:
+        raise SessionAbortedError(
+            f"Session stopped by the operator after {recorder.n_trials} trials; they are kept "
+            f"in {path}."
+        ) from err
+    finally:
+        _close(recorder, status, presenter, inlet, outlet, simulator, path)
+
+
+def _psychopy_presenter(rig: Rig, clock, outlet):
+    from loop.psychopy_presenter import PsychoPyPresenter, TextSettings, WindowSettings
+
+    display = rig.display
+    window = WindowSettings(
+        size_pix=display.size_pix, fullscreen=display.fullscreen, screen=display.screen,
+        background_color=display.background_color, units="height",
+        monitor_width_cm=display.monitor_width_cm,
+        monitor_distance_cm=display.viewing_distance_cm,
+    )
+    text = TextSettings(font=display.font, height=display.text_height,
+                        wrap_width=display.wrap_width, color=display.text_color)
+    return PsychoPyPresenter(clock, outlet, window, text)
+
+
+def _close(recorder, status, presenter, inlet, outlet, simulator, path) -> None:
+    """Close everything in order; each step runs even when an earlier one failed."""
+    import pylsl
+
+    if presenter is not None:
+        presenter.close()
+    if outlet is not None:
+        from acquisition.lsl import encode_marker
+
+        end = {"type": "session_end", "status": status}
+        outlet.push(end, pylsl.local_clock())
+        recorder.add_marker(pylsl.local_clock(), encode_marker(end))
+    if inlet is not None:
+        inlet.close()
+    if simulator is not None:
+        simulator.stop()
+    if outlet is not None:
+        outlet.close()
+    if simulator is not None:
+        log_file = path.with_suffix(".simulator.jsonl")
+        from acquisition.simulated import truth_file
+
+        _merge_simulator_log(recorder, log_file, truth_file(log_file))
+    recorder.close(status)
