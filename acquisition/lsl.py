@@ -75,6 +75,10 @@ class MarkerOutlet:
         self._outlet.push_sample([text], timestamp)
         return text
 
+    def wait_for_consumers(self, timeout_s: float) -> bool:
+        """Return True once some inlet is connected, False after ``timeout_s``."""
+        return bool(self._outlet.wait_for_consumers(timeout_s))
+
     def close(self) -> None:
         self._outlet = None
 

@@ -105,7 +105,7 @@ class EcogRenderer:
         return data.astype(np.float32)
 
     def _shape_mean(self, ramp: float) -> float:
-        local = np.linspace(0, self.duration_s, 2001)
+        local = np.arange(max(1, round(self.duration_s * self.config.sfreq))) / self.config.sfreq
         edge = np.minimum(np.minimum(local, self.duration_s - local) / ramp, 1.0)
         return float(np.mean(0.5 - 0.5 * np.cos(np.pi * edge)))
 
@@ -135,6 +135,16 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
     np.save(truth_file(config.log_file), truth.reference_truth(pool.texts))
     renderer = EcogRenderer(config)
 
+    # The marker inlet is connected before the data outlet appears, so that the controller (which
+    # waits for the data stream) cannot send an onset this process would miss.
+    found = pylsl.resolve_byprop("name", config.marker_stream, 1, config.marker_timeout_s)
+    if not found:
+        logger.error("No marker stream %r within %.0f s; the simulator stops.",
+                     config.marker_stream, config.marker_timeout_s)
+        return
+    marker_inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
+    marker_inlet.open_stream(timeout=config.marker_timeout_s)
+
     info = pylsl.StreamInfo(config.data_stream, "ECoG", config.n_channels, config.sfreq,
                             pylsl.cf_float32, config.source_id)
     channels = info.desc().append_child("channels")
@@ -148,40 +158,28 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
     if ready is not None:
         ready.set()
 
-    marker_inlet = None
-    waited_since = time.monotonic()
     period = 1.0 / config.sfreq
     next_sample_time = pylsl.local_clock()
     with open(config.log_file, "a", encoding="utf-8") as log:
         while stop is None or not stop.is_set():
             # Markers first, so that a response starting in this chunk is already scheduled.
-            if marker_inlet is None:
-                found = pylsl.resolve_byprop("name", config.marker_stream, 1, 0.05)
-                if found:
-                    marker_inlet = pylsl.StreamInlet(found[0],
-                                                     processing_flags=pylsl.proc_clocksync)
-                elif time.monotonic() - waited_since > config.marker_timeout_s:
-                    logger.error("No marker stream %r within %.0f s; the simulator stops.",
-                                 config.marker_stream, config.marker_timeout_s)
-                    break
-            else:
-                markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
-                ended = False
-                for (text,), stamp in zip(markers, stamps, strict=True):
-                    event = decode_marker(text)
-                    if event["type"] == "session_end":
-                        ended = True
-                    elif event["type"] == "onset":
-                        value = float(truth([event["text"]])[0])
-                        amplitudes = renderer.add_onset(stamp, value)
-                        log.write(json.dumps({
-                            "trial": event.get("trial"), "onset": stamp, "text": event["text"],
-                            "truth": value,
-                            "amplitudes": amplitudes[list(config.target_channels)].tolist(),
-                        }, ensure_ascii=False) + "\n")
-                        log.flush()
-                if ended:
-                    break
+            markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
+            ended = False
+            for (text,), stamp in zip(markers, stamps, strict=True):
+                event = decode_marker(text)
+                if event["type"] == "session_end":
+                    ended = True
+                elif event["type"] == "onset":
+                    value = float(truth([event["text"]])[0])
+                    amplitudes = renderer.add_onset(stamp, value)
+                    log.write(json.dumps({
+                        "trial": event.get("trial"), "onset": stamp, "text": event["text"],
+                        "truth": value,
+                        "amplitudes": amplitudes[list(config.target_channels)].tolist(),
+                    }, ensure_ascii=False) + "\n")
+                    log.flush()
+            if ended:
+                break
 
             # Samples up to now, stamped with their acquisition times.
             now = pylsl.local_clock()
@@ -193,8 +191,7 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
                     outlet.push_chunk(data[start:start + 250], times[start:start + 250])
                 next_sample_time = times[-1] + period
             time.sleep(0.005)
-    if marker_inlet is not None:
-        marker_inlet.close_stream()
+    marker_inlet.close_stream()
     del outlet
 
 

@@ -205,11 +205,13 @@ def _format_location(location: tuple) -> str:
 def _load_toml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found.")
+    raw = path.read_bytes()
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
         raise ConfigError(
-            f"{path}: not valid UTF-8 at byte {err.start}; save the file as UTF-8."
+            f"{path}: not valid UTF-8 at byte {err.start} (line {line}); save the file as UTF-8."
         ) from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}.") from err

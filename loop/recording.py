@@ -86,7 +86,9 @@ class SessionRecorder:
                 "another output folder or move the old file."
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.path, "w", libver="latest")
+        # The default (earliest) file format has no "open for write" flag, so a file left by a crash
+        # opens without h5clear.
+        self.file = h5py.File(self.path, "w")
         self.file.attrs["format_version"] = FORMAT_VERSION
         self.file.attrs["status"] = "running"
         self._trials = Table(self.file.create_group("trials"))

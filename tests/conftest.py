@@ -86,3 +86,17 @@ def _read_display_number(read_fd: int, process: subprocess.Popen, log_path: Path
             pytrace=False,
         )
     return f":{number}"
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma 3 270M in float32 (converted once into the neurosteer cache)."""
+    from synth.models import load_causal_lm
+
+    return load_causal_lm("embedded:gemma3-270m", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def unique_name(request) -> str:
+    """A stream name no other test uses, so that no test resolves another test's stream."""
+    return f"neurosteer-test-{request.node.name}-{os.getpid()}"[:120]

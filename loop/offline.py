@@ -1,0 +1,94 @@
+"""In-process sessions against the simulated subject: no LSL, no display, a stepped clock.
+
+Runs in one process, for benchmarks and tests that compare selection policies over many seeds. The
+responses have the same single-trial statistics as the streamed simulator (see
+``acquisition.responses.EpochedSimulator``), and the controller is the one real sessions use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from acquisition.responses import EpochedSimulator
+from acquisition.simulated import EcogRenderer, SimulatorConfig, channel_names
+from loop.clock import SteppedClock
+from loop.config import Experiment, SimulatorSettings
+from loop.controller import Controller, ControllerState
+from loop.presentation import HeadlessPresenter
+
+
+class DiscardMarkers:
+    """A marker sink for in-process runs: returns the marker text and sends nothing."""
+
+    def push(self, event: dict, timestamp: float) -> str:
+        from acquisition.lsl import encode_marker
+
+        return encode_marker(event)
+
+
+@dataclass(frozen=True)
+class OfflineResult:
+    """Evaluation of one in-process session against the pool's noise-free truth."""
+
+    policy: str
+    seed: int
+    drive_truth: float
+    suppress_truth: float
+    baseline_truth: float
+    drive_fraction: float
+    suppress_fraction: float
+    state: ControllerState
+
+
+def renderer_for(simulator: SimulatorSettings, seed: int) -> EcogRenderer:
+    """Return the simulated subject's response model for the rig's simulator settings."""
+    config = SimulatorConfig(
+        data_stream="", marker_stream="", source_id="", pool_file="", log_file="",
+        pool_n_words=None, lsl_config=None, n_channels=simulator.n_channels,
+        sfreq=simulator.sfreq, target_channels=tuple(simulator.target_channels),
+        snr=simulator.snr, signal_sd=simulator.signal_sd, mean_level=simulator.mean_level,
+        latency_s=simulator.latency_s, response_duration_s=simulator.response_duration_s,
+        baseline_s=simulator.baseline_s, seed=seed,
+    )
+    return EcogRenderer(config)
+
+
+def run_offline(experiment: Experiment, simulator: SimulatorSettings, pool, pool_features,
+                pool_truth: np.ndarray, policy: str, seed: int) -> OfflineResult:
+    """Run one session in-process and score its evaluation sentences against the truth."""
+    experiment = experiment.model_copy(
+        update={"experiment": replace_seed(experiment, seed)})
+    renderer = renderer_for(simulator, simulator.seed)
+    truth_of = dict(zip(pool.texts, pool_truth, strict=True))
+    responses = EpochedSimulator(renderer, lambda texts: np.array([truth_of[t] for t in texts]),
+                                 np.random.default_rng([seed, 2]))
+    names = channel_names(simulator.n_channels)
+    targets = [names.index(name) for name in experiment.response.target_channels]
+    clock = SteppedClock()
+    controller = Controller(experiment, pool, pool_features, targets,
+                            HeadlessPresenter(clock, DiscardMarkers()), responses, clock,
+                            np.random.default_rng(seed), policy=policy)
+    state = controller.run()
+
+    n = experiment.evaluation.n_per_condition
+    ordered = np.sort(pool_truth)
+    oracle_drive, oracle_suppress = ordered[-n:].mean(), ordered[:n].mean()
+    truth_by_condition = {}
+    for condition in ("drive", "suppress", "baseline"):
+        shown = [truth_of[r.text] for r in state.trials
+                 if r.phase == "evaluation" and r.condition == condition]
+        truth_by_condition[condition] = float(np.mean(shown))
+    return OfflineResult(
+        policy, seed, truth_by_condition["drive"], truth_by_condition["suppress"],
+        truth_by_condition["baseline"], truth_by_condition["drive"] / oracle_drive,
+        truth_by_condition["suppress"] / oracle_suppress, state,
+    )
+
+
+def replace_seed(experiment: Experiment, seed: int):
+    return experiment.experiment.model_copy(update={"seed": seed})
+
+
+
