@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelNotFoundError, CacheCorruptError, PoolFileError,
             StreamNotFoundError, StreamLostError, DeadlineMissedError, SessionAbortedError,
             FileExistsError) as err:
-        print(f"neurosteer: {err}", file=sys.stderr)
+        notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
+        print(f"neurosteer: {err}{notes}", file=sys.stderr)
         return 2
 
 

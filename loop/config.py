@@ -23,7 +23,7 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 # Experiment file
@@ -31,30 +31,58 @@ class Settings(BaseModel):
 
 class ExperimentInfo(Settings):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the experiment; the session file is named after it (letters, digits, `_.-`)."""
+
     description: str = ""
+    """Free text stored in the session file."""
+
     seed: int = 0
+    """Seed of every random choice the controller makes (calibration set, order, jitter)."""
 
 
 class ModelSettings(Settings):
     name: str = "embedded:gemma3-270m"
+    """Language model: `embedded:gemma3-270m`, a local folder, or a hub name already cached."""
+
     layers: list[Annotated[int, Field(ge=1)]] = Field(default=[6, 9, 12, 15], min_length=1)
+    """Candidate layers (blocks counted from 1); calibration keeps the best by cross-validation."""
+
     pooling: Literal["mean", "last"] = "mean"
+    """Sentence vector: `mean` over the tokens (special tokens excluded) or the `last` token."""
+
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Precision of the forward pass; `auto` is bfloat16."""
+
     device: str = "auto"
+    """`auto` (the first CUDA GPU when there is one), `cpu` or `cuda:N`."""
+
     batch_size: Annotated[int, Field(ge=1)] = 64
+    """Sentences per forward pass."""
 
 
 class PoolSettings(Settings):
     file: str = "builtin:pool_gemma3_270m_6w.txt"
+    """Candidate pool: `builtin:NAME` (shipped), or a .txt/.csv file relative to the experiment file."""
+
     column: str = "sentence"
+    """Column of a CSV pool that holds the sentences."""
+
     n_words: Annotated[int, Field(ge=1)] | None = 6
+    """Keep only sentences of exactly this many words; leave out to keep all."""
 
 
 class EncodingSettings(Settings):
     alpha_min: PositiveFloat = 1e-1
+    """Smallest ridge penalty of the log grid searched per target."""
+
     alpha_max: PositiveFloat = 1e6
+    """Largest ridge penalty of the grid."""
+
     n_alphas: Annotated[int, Field(ge=2)] = 29
+    """Number of penalties in the grid."""
+
     exploration: NonNegativeFloat = 1.0
+    """Weight of the predictive SD when choosing drive and suppress stimuli (0: exploit only)."""
 
     @model_validator(mode="after")
     def _alpha_order(self) -> EncodingSettings:
@@ -65,9 +93,16 @@ class EncodingSettings(Settings):
 
 class ResponseSettings(Settings):
     target_channels: list[str] = Field(min_length=1)
+    """Channel labels of the stream whose mean response is the target."""
+
     tmin_s: float = 0.1
+    """Start of the response window after onset, in seconds."""
+
     tmax_s: float = 1.1
+    """End of the response window after onset, in seconds."""
+
     baseline_s: tuple[float, float] = (-0.5, 0.0)
+    """Baseline window [start, end] relative to onset, in seconds; subtracted from the response."""
 
     @model_validator(mode="after")
     def _windows(self) -> ResponseSettings:
@@ -80,24 +115,40 @@ class ResponseSettings(Settings):
 
 class TimingSettings(Settings):
     stimulus_duration_s: PositiveFloat = 2.0
+    """How long each sentence stays on screen, in seconds."""
+
     iti_s: NonNegativeFloat = 1.0
+    """Mean interval from one sentence's offset to the next onset, in seconds."""
+
     iti_jitter_s: NonNegativeFloat = 0.2
+    """Half-width of the uniform jitter added to each interval, in seconds."""
+
     max_late_onsets: Annotated[int, Field(ge=1)] = 10
+    """Late onsets (over 20 ms after their due time) allowed before the session stops with an error."""
 
 
 class CalibrationSettings(Settings):
     n_trials: Annotated[int, Field(ge=10)] = 150
+    """Diverse pool sentences shown before the first model fit."""
 
 
 class ClosedLoopSettings(Settings):
     n_blocks: Annotated[int, Field(ge=0)] = 4
+    """Closed-loop blocks; the penalty is re-chosen after each block."""
+
     n_drive: Annotated[int, Field(ge=0)] = 12
+    """Drive trials per block."""
+
     n_suppress: Annotated[int, Field(ge=0)] = 12
+    """Suppress trials per block."""
+
     n_baseline: Annotated[int, Field(ge=0)] = 12
+    """Baseline trials (random pool sentences) per block."""
 
 
 class EvaluationSettings(Settings):
     n_per_condition: Annotated[int, Field(ge=2)] = 30
+    """Fresh drive, suppress and baseline sentences each, chosen by the final model."""
 
 
 class Experiment(Settings):
@@ -111,6 +162,7 @@ class Experiment(Settings):
     closed_loop: ClosedLoopSettings = ClosedLoopSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     allow_repeats: bool = False
+    """Let the closed loop show a sentence again; evaluation sentences are always new."""
 
     @model_validator(mode="after")
     def _window_fits_trial(self) -> Experiment:
@@ -128,40 +180,91 @@ class Experiment(Settings):
 
 class LSLSettings(Settings):
     config: str = "builtin:loopback"
+    """liblsl configuration: `builtin:loopback` (this machine), `default` (lab network), or a file."""
+
     data_stream: str = "neurosteer-sim-ecog"
+    """Name of the LSL stream with the neural data."""
+
     marker_stream: str = "neurosteer-markers"
+    """Name of the marker stream neurosteer creates for stimulus onsets."""
+
     resolve_timeout_s: PositiveFloat = 10.0
+    """How long to wait for the data stream at start, in seconds."""
 
 
 class DisplaySettings(Settings):
     size_pix: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] = (1280, 1024)
+    """Window size in pixels [width, height]."""
+
     fullscreen: bool = False
+    """Open the window full screen."""
+
     screen: Annotated[int, Field(ge=0)] = 0
+    """Index of the screen the window opens on."""
+
     background_color: str = "black"
+    """Background colour (a PsychoPy colour name)."""
+
     text_color: str = "white"
+    """Text colour (a PsychoPy colour name)."""
+
     monitor_width_cm: PositiveFloat = 53.0
+    """Visible width of the monitor, in cm."""
+
     viewing_distance_cm: PositiveFloat = 60.0
+    """Distance from the eyes to the screen, in cm."""
+
     font: str = "Arial"
+    """Font of the sentences."""
+
     text_height: PositiveFloat = 0.05
+    """Letter height, in units of the window height."""
+
     wrap_width: PositiveFloat = 1.2
+    """Width at which text wraps, in units of the window height."""
 
 
 class SimulatorSettings(Settings):
     n_channels: Annotated[int, Field(ge=1)] = 64
+    """Channels of the simulated amplifier."""
+
     sfreq: PositiveFloat = 1000.0
+    """Sampling rate, in Hz."""
+
     target_channels: list[Annotated[int, Field(ge=0)]] = Field(
         default=[8, 9, 10, 11, 16, 17, 18, 19, 24, 25], min_length=1
     )
+    """0-based indices of the channels that respond to sentences."""
+
     snr: PositiveFloat = 0.30
+    """Signal SD / noise SD of one channel's single-trial response."""
+
     signal_sd: PositiveFloat = 1.0
+    """SD of the response across sentences, in stream units."""
+
     mean_level: float = 2.0
+    """Response to the pool's average sentence, in stream units."""
+
     latency_s: NonNegativeFloat = 0.1
+    """Delay from onset to the start of the response, in seconds."""
+
     response_duration_s: PositiveFloat = 1.0
+    """Duration of the response, in seconds."""
+
     baseline_s: PositiveFloat = 0.5
+    """Length of the pre-stimulus window the SNR is defined against, in seconds."""
+
     readout_weight: float = 1.0
+    """Weight of the sentence-embedding readout in the truth, in pool SDs."""
+
     surprisal_weight: float = 1.0
+    """Weight of the surprisal term in the truth, in pool SDs."""
+
     surprisal_model: str = "embedded:smollm2-135m"
+    """Language model that computes the surprisal term."""
+
     seed: int = 7
+    """Seed of the readout, the channel gains and the noise."""
 
     @field_validator("target_channels")
     @classmethod
@@ -180,8 +283,13 @@ class SimulatorSettings(Settings):
 
 class RigInfo(Settings):
     name: str
+    """Name of the rig."""
+
     kind: Literal["simulated", "ecog", "eeg"]
+    """`simulated` starts the simulated subject; `ecog` and `eeg` expect a live stream."""
+
     description: str = ""
+    """Free text stored in the session file."""
 
 
 class Rig(Settings):
@@ -226,7 +334,7 @@ def _validate(model: type[Settings], path: Path, content: dict):
             key = _format_location(problem["loc"])
             message = problem["msg"]
             if problem["type"] == "extra_forbidden":
-                message = "unknown key; check its spelling against docs/ or remove it"
+                message = "unknown key; check its spelling against docs/experiment_format.md or remove it"
             elif problem["type"] == "missing":
                 message = "required key is missing"
             elif "input" in problem and not isinstance(problem["input"], dict):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loop.config import Experiment
+from loop.errors import DeadlineMissedError
 from loop.presentation import Stimulus
 from loop.recording import TrialRecord
 from loop.selection import select_diverse, select_random, select_top
@@ -109,11 +110,7 @@ class Controller:
         if self.recorder is not None:
             self.recorder.add_marker(onset.time, onset.marker)
         if onset.late_s > LATE_ONSET_S:
-            self.state.n_late_onsets += 1
-            if self.recorder is not None:
-                self.recorder.add_fault(onset.time, "late_onset",
-                                        f"trial {self._trial_index} started {onset.late_s:.3f} s "
-                                        "after its due time")
+            self._late_onset(onset)
         self._advance_due(onset.time)
 
         channels = self.responses.collect(onset.time, stimulus)
@@ -141,6 +138,20 @@ class Controller:
             self.state.selection_times_s.append(time.perf_counter() - started)
             self._record_update("online")
         return record
+
+    def _late_onset(self, onset) -> None:
+        self.state.n_late_onsets += 1
+        message = f"trial {self._trial_index} started {onset.late_s:.3f} s after its due time"
+        if self.recorder is not None:
+            self.recorder.add_fault(onset.time, "late_onset", message)
+        limit = self.experiment.timing.max_late_onsets
+        if self.state.n_late_onsets > limit:
+            raise DeadlineMissedError(
+                f"{self.state.n_late_onsets} onsets were late by more than "
+                f"{LATE_ONSET_S * 1000:.0f} ms (limit {limit}; the last one {message}). The "
+                "machine cannot keep this schedule: lengthen timing.iti_s, lower --speed, or "
+                "close other programs."
+            )
 
     def _prediction(self, index: int) -> tuple[float, float]:
         if self.scorer is None:
@@ -209,7 +220,10 @@ class Controller:
                     self.encoder.alphas[0], self.encoder.cv_r[0], self.encoder.n_samples)
 
     def _choose(self, condition: str, exploration: float) -> int:
-        available = ~self.state.shown
+        if self.experiment.allow_repeats:
+            available = np.ones(len(self.pool), dtype=bool)
+        else:
+            available = ~self.state.shown
         if condition == "baseline" or self.policy == "random":
             return int(select_random(available, 1, self.rng)[0])
         value, sd = objective_for(condition).evaluate(self.scorer.mean, self.scorer.sd)

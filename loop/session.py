@@ -115,53 +115,65 @@ def session_path(output_dir: Path, name: str) -> Path:
     return Path(output_dir) / f"{name}_{stamp}.h5"
 
 
+def _check_simulated_channels(experiment: Experiment, experiment_path: Path, rig: Rig) -> None:
+    from acquisition.simulated import channel_names
+
+    names = channel_names(rig.simulator.n_channels)
+    missing = [name for name in experiment.response.target_channels if name not in names]
+    if missing:
+        raise ConfigError(f"{experiment_path}: response.target_channels: {missing} are not among "
+                          f"the simulator's channels {names[0]}..{names[-1]}.")
+
+
+def _target_indices(experiment: Experiment, experiment_path: Path, description) -> list[int]:
+    names = description.channel_names
+    missing = [name for name in experiment.response.target_channels if name not in names]
+    if missing:
+        raise ConfigError(f"{experiment_path}: response.target_channels: {missing} are not "
+                          f"channels of stream {description.name!r} ({', '.join(names[:4])}, ...).")
+    return [names.index(name) for name in experiment.response.target_channels]
+
+
 def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
                 progress=None) -> Path:
-    """Run one session end to end and return the path of its session file."""
+    """Run one session end to end and return the path of its session file.
+
+    Everything that can fail before the first trial (files, model, pool, streams) is checked
+    before the session file is created, so a session that cannot start leaves no file behind.
+    """
+    from acquisition.epochs import ResponseWindow
     from acquisition.lsl import DataInlet, MarkerOutlet, configure_lsl
     from acquisition.responses import LSLResponses
-    from acquisition.simulated import SimulatorProcess, channel_names
+    from acquisition.simulated import SimulatorProcess
     from loop.clock import LSLClock
     from loop.controller import Controller
     from loop.presentation import HeadlessPresenter
     from loop.recording import SessionRecorder
+    from synth.models import resolve_model_path
 
     experiment_path, rig_path = Path(experiment_path), Path(rig_path)
     experiment = load_experiment(experiment_path)
     rig = load_rig(rig_path)
     seed = experiment.experiment.seed if options.seed is None else options.seed
+    if rig.simulator is not None:
+        _check_simulated_channels(experiment, experiment_path, rig)
+    resolve_model_path(experiment.model.name)
     configure_lsl(lsl_config_path(rig, rig_path))
 
     path = session_path(options.output_dir, experiment.experiment.name)
-    recorder = SessionRecorder(path)
-    simulator = inlet = outlet = presenter = None
+    recorder = simulator = inlet = outlet = presenter = None
     status = "aborted"
     try:
-        recorder.write_metadata(
-            experiment_path.read_text(encoding="utf-8"), rig_path.read_text(encoding="utf-8"),
-            {"experiment_file": str(experiment_path), "rig_file": str(rig_path), "seed": seed,
-             "speed": options.speed, "kind": "dry_run" if rig.simulator else "live",
-             "started": dt.datetime.now().isoformat(timespec="seconds"),
-             "versions": package_versions()},
-        )
         pool_file = resolve_data_path(experiment.pool.file, experiment_path.parent)
         if rig.simulator is not None:
-            if rig.simulator.n_channels and any(
-                    name not in channel_names(rig.simulator.n_channels)
-                    for name in experiment.response.target_channels):
-                raise ConfigError(f"{experiment_path}: response.target_channels: channels "
-                                  f"{list(experiment.response.target_channels)} are not all "
-                                  f"among the simulator's channels ECOG001..ECOG"
-                                  f"{rig.simulator.n_channels:03d}.")
-            log_file = path.with_suffix(".simulator.jsonl")
+            path.parent.mkdir(parents=True, exist_ok=True)
             simulator = SimulatorProcess(_simulator_config(
-                rig, rig_path, pool_file, experiment.pool.n_words, log_file, options.speed))
+                rig, rig_path, pool_file, experiment.pool.n_words,
+                path.with_suffix(".simulator.jsonl"), options.speed))
             simulator.start()
 
         pool, features, model_identity = load_pool_and_features(experiment, experiment_path,
                                                                 progress)
-        recorder.write_stimuli(pool.ids, pool.texts, pool.source)
-        recorder.file.attrs["model_identity"] = model_identity
 
         # Streams: the marker outlet first, so the simulated subject can find it while it loads.
         outlet = MarkerOutlet(rig.lsl.marker_stream, f"neurosteer-markers-{path.stem}")
@@ -169,18 +181,19 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
             simulator.wait_ready(options.simulator_ready_timeout_s)
         inlet = DataInlet(rig.lsl.data_stream, rig.lsl.resolve_timeout_s)
         description = inlet.description
-        missing = [name for name in experiment.response.target_channels
-                   if name not in description.channel_names]
-        if missing:
-            raise ConfigError(f"{experiment_path}: response.target_channels: {missing} are not "
-                              f"channels of stream {description.name!r} "
-                              f"({', '.join(description.channel_names[:4])}, ...).")
-        targets = [description.channel_names.index(name)
-                   for name in experiment.response.target_channels]
+        targets = _target_indices(experiment, experiment_path, description)
+
+        recorder = SessionRecorder(path)
+        recorder.write_metadata(
+            experiment_path.read_text(encoding="utf-8"), rig_path.read_text(encoding="utf-8"),
+            {"experiment_file": str(experiment_path), "rig_file": str(rig_path), "seed": seed,
+             "speed": options.speed, "kind": "dry_run" if rig.simulator else "live",
+             "started": dt.datetime.now().isoformat(timespec="seconds"),
+             "model_identity": model_identity, "versions": package_versions()},
+        )
+        recorder.write_stimuli(pool.ids, pool.texts, pool.source)
         recorder.add_stream(description.name, list(description.channel_names), description.sfreq,
                             description.source_id)
-
-        from acquisition.epochs import ResponseWindow
 
         response = experiment.response
         window = ResponseWindow(response.tmin_s, response.tmax_s, *response.baseline_s)
@@ -202,16 +215,20 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         )
         state = controller.run()
         recorder.file.attrs["chosen_layer"] = state.layer
-        recorder.write_array("model/final", np.array(0), {"identity": model_identity})
         for key, value in controller.encoder.to_arrays().items():
             recorder.write_array(f"model/final_state/{key}", value)
         status = "complete"
         return path
     except KeyboardInterrupt as err:
+        n_trials = recorder.n_trials if recorder is not None else 0
         raise SessionAbortedError(
-            f"Session stopped by the operator after {recorder.n_trials} trials; they are kept "
-            f"in {path}."
+            f"Session stopped by the operator after {n_trials} trials; they are kept in {path}."
         ) from err
+    except Exception as err:
+        if recorder is not None:
+            err.add_note(f"The session stopped after {recorder.n_trials} trials; they are kept "
+                         f"in {path}.")
+        raise
     finally:
         _close(recorder, status, presenter, inlet, outlet, simulator, path)
 
@@ -238,20 +255,21 @@ def _close(recorder, status, presenter, inlet, outlet, simulator, path) -> None:
     if presenter is not None:
         presenter.close()
     if outlet is not None:
-        from acquisition.lsl import encode_marker
-
         end = {"type": "session_end", "status": status}
-        outlet.push(end, pylsl.local_clock())
-        recorder.add_marker(pylsl.local_clock(), encode_marker(end))
+        text = outlet.push(end, pylsl.local_clock())
+        if recorder is not None:
+            recorder.add_marker(pylsl.local_clock(), text)
     if inlet is not None:
         inlet.close()
     if simulator is not None:
         simulator.stop()
     if outlet is not None:
         outlet.close()
+    if recorder is None:
+        return
     if simulator is not None:
-        log_file = path.with_suffix(".simulator.jsonl")
         from acquisition.simulated import truth_file
 
+        log_file = path.with_suffix(".simulator.jsonl")
         _merge_simulator_log(recorder, log_file, truth_file(log_file))
     recorder.close(status)

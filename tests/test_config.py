@@ -41,7 +41,7 @@ def test_unknown_key_named_with_file(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_experiment(path)
     assert str(caught.value) == (f"{path}: closed_loop.n_blocs: unknown key; check its spelling "
-                                 "against docs/ or remove it")
+                                 "against docs/experiment_format.md or remove it")
 
 
 def test_wrong_type_named_with_value(tmp_path):
@@ -108,3 +108,10 @@ def test_settings_are_frozen():
     experiment = load_experiment(EXPERIMENT)
     with pytest.raises(Exception, match="frozen"):
         experiment.timing.iti_s = 3.0
+
+
+def test_format_page_matches_schema():
+    from loop.schema_docs import DOCS_PAGE, render
+
+    assert DOCS_PAGE.read_text(encoding="utf-8") == render(), (
+        "docs/experiment_format.md is out of date: run python -m loop.schema_docs")

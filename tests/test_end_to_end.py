@@ -139,3 +139,19 @@ def test_simulator_truth_merged_and_reported(dry_run):
     table, figure, report = write_report(path)
     assert figure.stat().st_size > 10_000
     assert "drive > baseline > suppress" in report.read_text()
+
+
+@pytest.mark.display
+def test_dry_run_with_psychopy_window(tmp_path, xvfb_display):
+    experiment, rig = small_experiment(tmp_path, "neurosteer-e2e-display")
+    path = run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED,
+                                                       display=True))
+    log = [json.loads(line) for line in
+           path.with_suffix(".simulator.jsonl").read_text(encoding="utf-8").splitlines()]
+    with h5py.File(path, "r") as file:
+        assert file.attrs["status"] == "complete"
+        trials = read_trials(file)
+    assert len(trials["trial"]) == 24
+    assert [row["text"] for row in log] == trials["text"].tolist()
+    # Onsets are flip times: each is at or after its due time (Xvfb flips within a few ms).
+    assert (trials["onset"] >= trials["due"] - 0.002).all()
