@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -140,7 +141,9 @@ def main() -> int:
     args = parser.parse_args()
     if not args.skip_scoring:
         scoring(args)
-    decision(args)
+    # The controller runs with one BLAS thread (see Controller.run); measure it the same way.
+    with threadpool_limits(limits=1, user_api="blas"):
+        decision(args)
     return 0
 
 

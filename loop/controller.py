@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from loop.config import Experiment
 from loop.errors import DeadlineMissedError
@@ -34,7 +35,7 @@ LATE_ONSET_S = 0.020
 
 @dataclass
 class ControllerState:
-    """What the controller has learnt so far; also what a report or benchmark reads back."""
+    """The controller's record of the session so far, which reports and benchmarks read back."""
 
     shown: np.ndarray
     indices: list[int] = field(default_factory=list)
@@ -104,7 +105,10 @@ class Controller:
                    predicted: float, predicted_sd: float, update: bool) -> TrialRecord:
         stimulus = Stimulus(self.pool.ids[index], self.pool.texts[index])
         self.state.shown[index] = True
-        due = self._next_due if self._next_due is not None else self.clock.now() + self._seconds(1.0)
+        if self._next_due is None:
+            # The first trial of a phase or block: its schedule starts now, one interval ahead.
+            self._next_due = self.clock.now() + self._seconds(self.experiment.timing.iti_s)
+        due = self._next_due
         onset = self.presenter.present(self._trial_index, condition, stimulus, due,
                                        self._seconds(self.experiment.timing.stimulus_duration_s))
         if self.recorder is not None:
@@ -170,6 +174,7 @@ class Controller:
 
     def _phase(self, name: str, n_trials: int) -> None:
         logger.info("Phase %s: %d trials.", name, n_trials)
+        self._next_due = None
         if self.on_phase is not None:
             self.on_phase(name, n_trials)
         self.presenter.show_message(name)
@@ -244,7 +249,9 @@ class Controller:
                 predicted, predicted_sd = self._prediction(index)
                 self._run_trial("closed_loop", block, str(condition), index, predicted,
                                 predicted_sd, update=True)
+            # The refit runs in the pause between blocks; the next block's schedule starts after.
             self.fit()
+            self._next_due = None
 
     def evaluate(self) -> None:
         """Fresh drive, suppress and baseline sentences chosen by the final model, in mixed order."""
@@ -274,6 +281,13 @@ class Controller:
 
     def run(self) -> ControllerState:
         """Run calibration, the closed loop and evaluation, as the policy prescribes."""
+        # One BLAS thread: the matrices here are small, and with other busy processes (the
+        # simulated subject, the display) two OpenBLAS threads on 2 cores made a 300 x 640 SVD
+        # about 4 times slower than one thread did.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._run()
+
+    def _run(self) -> ControllerState:
         self.presenter.open()
         calibration = self.experiment.calibration.n_trials
         if self.policy == "open_loop":

@@ -8,7 +8,6 @@ percentile in the candidate pool.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +219,3 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
     lines += ["", f"![session figure]({figure_path.name})", ""]
     report_path.write_text("\n".join(lines), encoding="utf-8")
     return table, figure_path, report_path
-
-
-def load_versions(path: Path) -> dict:
-    with h5py.File(path, "r") as file:
-        return json.loads(file.attrs.get("versions", "{}"))

@@ -155,3 +155,40 @@ def test_dry_run_with_psychopy_window(tmp_path, xvfb_display):
     assert [row["text"] for row in log] == trials["text"].tolist()
     # Onsets are flip times: each is at or after its due time (Xvfb flips within a few ms).
     assert (trials["onset"] >= trials["due"] - 0.002).all()
+
+
+class StopSubjectAt:
+    """Progress hooks that end the simulated subject's process after a given trial."""
+
+    def __init__(self, trial: int) -> None:
+        self.stop_after = trial
+
+    def __call__(self, n_done: int) -> None:
+        return None
+
+    def phase(self, name: str, n_trials: int) -> None:
+        return None
+
+    def trial(self, record) -> None:
+        if record.trial == self.stop_after:
+            import multiprocessing
+
+            for child in multiprocessing.active_children():
+                if child.name == "neurosteer-simulator":
+                    child.terminate()
+
+
+def test_lost_stream_keeps_completed_trials(tmp_path):
+    from acquisition.errors import StreamLostError
+
+    experiment, rig = small_experiment(tmp_path, "neurosteer-e2e-lost")
+    with pytest.raises(StreamLostError) as caught:
+        run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED),
+                    progress=StopSubjectAt(8))
+    path = next((tmp_path / "sessions").glob("*.h5"))
+    assert caught.value.__notes__ == [
+        f"The session stopped after 9 trials; they are kept in {path}."]
+    with h5py.File(path, "r") as file:
+        assert file.attrs["status"] == "aborted"
+        trials = read_trials(file)
+    assert trials["trial"].tolist() == list(range(9))
