@@ -93,22 +93,21 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_pool_build(args) -> int:
-    from synth.generation import generate_sentences, write_pool
+    from rich.progress import Progress as Bar
+
+    from synth.generation import generate_pool, write_pool
     from synth.models import load_causal_lm
 
     loaded = load_causal_lm(args.model, args.device, args.dtype)
-    started = time.perf_counter()
-    sentences = generate_sentences(loaded, args.n, n_words=args.words, seed=args.seed,
-                                   top_p=args.top_p, temperature=args.temperature,
-                                   batch_size=args.batch_size)
-    elapsed = time.perf_counter() - started
-    write_pool(Path(args.output), sentences, {
-        "model": loaded.identity, "n_words": args.words, "seed": args.seed,
-        "top_p": args.top_p, "temperature": args.temperature, "batch_size": args.batch_size,
-        "generation_s": round(elapsed, 1),
-        "sentences_per_s": round(len(sentences) / elapsed, 2),
-    })
-    print(f"Wrote {len(sentences)} sentences to {args.output} in {elapsed:.0f} s.")
+    with Bar() as bar:
+        task = bar.add_task("sentences", total=args.n)
+        result = generate_pool(loaded, args.n, n_words=args.words, seed=args.seed,
+                               top_p=args.top_p, temperature=args.temperature,
+                               batch_size=args.batch_size,
+                               progress=lambda done, total: bar.update(task, completed=done))
+    write_pool(Path(args.output), result.sentences, result.metadata())
+    print(f"Wrote {len(result.sentences)} sentences to {args.output} in {result.elapsed_s:.0f} s "
+          f"({result.sentences_per_s:.1f} per second).")
     return 0
 
 

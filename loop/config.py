@@ -147,7 +147,7 @@ class ClosedLoopSettings(Settings):
 
 
 class EvaluationSettings(Settings):
-    n_per_condition: Annotated[int, Field(ge=2)] = 30
+    n_per_condition: Annotated[int, Field(ge=2)] = 50
     """Fresh drive, suppress and baseline sentences each, chosen by the final model."""
 
 

@@ -28,7 +28,12 @@ from synth.pool import CandidatePool
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("closed_loop", "open_loop", "random")
+# closed_loop: update after every trial, refit after every block.
+# open_loop: the same schedule, every choice made by the calibration model (the anchor study's
+#   method); the responses are recorded but never used.
+# calibration_only: the whole budget spent on diverse calibration, then evaluation.
+# random: the same schedule with random drive and suppress sentences.
+POLICIES = ("closed_loop", "open_loop", "calibration_only", "random")
 # An onset later than this counts as late (a bit over one frame at 60 Hz).
 LATE_ONSET_S = 0.020
 
@@ -65,6 +70,7 @@ class Controller:
         policy: str = "closed_loop",
         on_trial: Callable[[TrialRecord], None] | None = None,
         on_phase: Callable[[str, int], None] | None = None,
+        reselect_layer: bool = True,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
@@ -81,6 +87,7 @@ class Controller:
         self.policy = policy
         self.on_trial = on_trial
         self.on_phase = on_phase
+        self.reselect_layer = reselect_layer
         encoding = experiment.encoding
         self.alphas = alpha_grid(encoding.alpha_min, encoding.alpha_max, encoding.n_alphas)
         self.state = ControllerState(shown=np.zeros(len(pool), dtype=bool))
@@ -202,7 +209,10 @@ class Controller:
                 design = standard.transform(self.pool_features[layer][indices])[:, :-1]
                 self.state.layer_cv_r[layer] = float(ridge_loo(design, responses,
                                                                self.alphas).cv_r[0])
-            self.state.layer = max(self.state.layer_cv_r, key=self.state.layer_cv_r.get)
+            best = max(self.state.layer_cv_r, key=self.state.layer_cv_r.get)
+            if best != self.state.layer:
+                self.encoder = self.scorer = None
+            self.state.layer = best
             logger.info("Layer cross-validated r: %s; chose layer %d.",
                         {k: round(v, 3) for k, v in self.state.layer_cv_r.items()},
                         self.state.layer)
@@ -235,10 +245,15 @@ class Controller:
         return int(select_top(value, sd, available, exploration, 1)[0])
 
     def closed_loop(self) -> None:
-        """Blocks of drive, suppress and baseline trials, updating the model after every trial."""
+        """Blocks of drive, suppress and baseline trials, updating the model after every trial.
+
+        Under the ``open_loop`` policy the blocks run the same way with the calibration model,
+        never updated; under ``random`` every sentence is drawn at random.
+        """
         settings = self.experiment.closed_loop
         conditions = (["drive"] * settings.n_drive + ["suppress"] * settings.n_suppress
                       + ["baseline"] * settings.n_baseline)
+        learning = self.policy == "closed_loop"
         self._phase("closed_loop", settings.n_blocks * len(conditions))
         for block in range(1, settings.n_blocks + 1):
             order = self.rng.permutation(conditions)
@@ -248,9 +263,10 @@ class Controller:
                 self.state.selection_times_s.append(time.perf_counter() - started)
                 predicted, predicted_sd = self._prediction(index)
                 self._run_trial("closed_loop", block, str(condition), index, predicted,
-                                predicted_sd, update=True)
-            # The refit runs in the pause between blocks; the next block's schedule starts after.
-            self.fit()
+                                predicted_sd, update=learning)
+            if learning:
+                # The refit runs in the pause between blocks; the next block starts after it.
+                self.fit(choose_layer=self.reselect_layer)
             self._next_due = None
 
     def evaluate(self) -> None:
@@ -290,18 +306,10 @@ class Controller:
     def _run(self) -> ControllerState:
         self.presenter.open()
         calibration = self.experiment.calibration.n_trials
-        if self.policy == "open_loop":
-            # The anchor study's method: the whole budget on calibration, no updates afterwards.
+        if self.policy == "calibration_only":
             loop = self.experiment.closed_loop
             calibration += loop.n_blocks * (loop.n_drive + loop.n_suppress + loop.n_baseline)
             self.calibrate(calibration)
-        elif self.policy == "random":
-            self.calibrate(calibration)
-            loop = self.experiment.closed_loop
-            for _ in range(loop.n_blocks * (loop.n_drive + loop.n_suppress + loop.n_baseline)):
-                index = int(select_random(~self.state.shown, 1, self.rng)[0])
-                self._run_trial("closed_loop", 0, "random", index, float("nan"), float("nan"),
-                                update=False)
         else:
             self.calibrate(calibration)
             self.closed_loop()

@@ -39,6 +39,8 @@ class OfflineResult:
     baseline_truth: float
     drive_fraction: float
     suppress_fraction: float
+    controlled_drive_fraction: float
+    controlled_suppress_fraction: float
     state: ControllerState
 
 
@@ -58,8 +60,8 @@ def renderer_for(simulator: SimulatorSettings, seed: int) -> EcogRenderer:
 def run_offline(experiment: Experiment, simulator: SimulatorSettings, pool, pool_features,
                 pool_truth: np.ndarray, policy: str, seed: int) -> OfflineResult:
     """Run one session in-process and score its evaluation sentences against the truth."""
-    experiment = experiment.model_copy(
-        update={"experiment": replace_seed(experiment, seed)})
+    info = experiment.experiment.model_copy(update={"seed": seed})
+    experiment = experiment.model_copy(update={"experiment": info})
     renderer = renderer_for(simulator, simulator.seed)
     truth_of = dict(zip(pool.texts, pool_truth, strict=True))
     responses = EpochedSimulator(renderer, lambda texts: np.array([truth_of[t] for t in texts]),
@@ -74,21 +76,22 @@ def run_offline(experiment: Experiment, simulator: SimulatorSettings, pool, pool
 
     n = experiment.evaluation.n_per_condition
     ordered = np.sort(pool_truth)
-    oracle_drive, oracle_suppress = ordered[-n:].mean(), ordered[:n].mean()
     truth_by_condition = {}
     for condition in ("drive", "suppress", "baseline"):
         shown = [truth_of[r.text] for r in state.trials
                  if r.phase == "evaluation" and r.condition == condition]
         truth_by_condition[condition] = float(np.mean(shown))
+
+    # Every drive (suppress) sentence shown after calibration, against the best (worst) as many.
+    controlled = {}
+    for condition in ("drive", "suppress"):
+        shown = [truth_of[r.text] for r in state.trials
+                 if r.phase != "calibration" and r.condition == condition]
+        oracle = ordered[-len(shown):] if condition == "drive" else ordered[:len(shown)]
+        controlled[condition] = float(np.mean(shown) / oracle.mean()) if shown else float("nan")
     return OfflineResult(
         policy, seed, truth_by_condition["drive"], truth_by_condition["suppress"],
-        truth_by_condition["baseline"], truth_by_condition["drive"] / oracle_drive,
-        truth_by_condition["suppress"] / oracle_suppress, state,
+        truth_by_condition["baseline"], truth_by_condition["drive"] / ordered[-n:].mean(),
+        truth_by_condition["suppress"] / ordered[:n].mean(), controlled["drive"],
+        controlled["suppress"], state,
     )
-
-
-def replace_seed(experiment: Experiment, seed: int):
-    return experiment.experiment.model_copy(update={"seed": seed})
-
-
-

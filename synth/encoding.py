@@ -104,7 +104,7 @@ class RidgeEncoder:
     """A per-target ridge model in Bayesian form, updated one sample at a time.
 
     For target t with penalty α_t, ``P_t = (Z'Z + diag(α_t, ..., α_t, ε))⁻¹`` and ``w_t = P_t b_t``
-    with ``b_t = Z'y_t``, where Z holds standardised features and an intercept column. The
+    with ``b_t = Z'y_t``, where Z contains standardised features and an intercept column. The
     predictive SD of the mean response, used for exploration, is ``σ_t sqrt(z' P_t z)``.
     """
 

@@ -127,8 +127,6 @@ class TextFeatureExtractor:
 
     def _compute(self, texts: list[str], progress) -> dict[int, np.ndarray]:
         """Run the truncated backbone over ``texts`` in batches of similar length."""
-        import torch
-
         tokenizer = self.loaded.tokenizer
         tokenizer.padding_side = "right"
         lengths = [len(tokenizer(text)["input_ids"]) for text in texts]
@@ -142,7 +140,6 @@ class TextFeatureExtractor:
                 out[layer][batch_index] = pooled[layer]
             if progress is not None:
                 progress(len(batch))
-        del torch
         return out
 
     def _forward(self, batch: list[str]) -> dict[int, np.ndarray]:

@@ -117,10 +117,20 @@ def resolve_dtype(dtype: str, device):
 
 
 def _hash_files(paths: list[Path]) -> str:
+    """Return a fingerprint of files from their names, sizes and first and last MiB of content.
+
+    Modification times are left out, so the same weights give the same identity on every machine
+    and feature caches stay valid after a copy.
+    """
     digest = hashlib.sha256()
     for path in sorted(paths):
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read(1 << 20))
     return digest.hexdigest()[:16]
 
 
@@ -158,7 +168,7 @@ def resolve_model_path(spec: str) -> tuple[Path, str]:
     """Return the local folder of a model and its identity string, converting embedded models once.
 
     Raises:
-        ModelNotFoundError: when the model is not on this machine; the message says how to provide it.
+        ModelNotFoundError: when the model is not on this machine; the message explains how to provide it.
     """
     set_offline()
     if spec.startswith(EMBEDDED_PREFIX):
@@ -203,7 +213,6 @@ def resolve_model_path(spec: str) -> tuple[Path, str]:
 
 def load_causal_lm(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer for inference, in eval mode, on the requested device."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, identity = resolve_model_path(spec)

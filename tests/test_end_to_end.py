@@ -33,7 +33,7 @@ def small_experiment(tmp_path: Path, unique: str) -> tuple[Path, Path]:
         "n_drive = 12": "n_drive = 2",
         "n_suppress = 12": "n_suppress = 2",
         "n_baseline = 12": "n_baseline = 2",
-        "n_per_condition = 30": "n_per_condition = 2",
+        "n_per_condition = 50": "n_per_condition = 2",
         "layers = [6, 9, 12, 15]": "layers = [4, 8]",
     }
     for old, new in replacements.items():

@@ -131,8 +131,8 @@ def test_select_sentences_filters_and_counts() -> None:
         " Who burnt the rice this time?\n- Next",  # kept, cut at the newline
         " We waited for the bus...",  # trails off: the ellipsis is not cut to a full stop
     ]
-    kept = select_sentences(continuations, 6, seen, counts)
-    assert kept == ["The soup was far too salty.", "Who burnt the rice this time?"]
+    new_sentences = select_sentences(continuations, 6, seen, counts)
+    assert new_sentences == ["The soup was far too salty.", "Who burnt the rice this time?"]
     assert counts.n_well_formed == 5
     assert counts.n_exact_length == 4
     assert dedup_key("Who burnt the rice this time?") in seen
