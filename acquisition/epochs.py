@@ -18,7 +18,7 @@ class IncompleteEpochError(ValueError):
 
 @dataclass(frozen=True)
 class ResponseWindow:
-    """Where a response is read, in seconds relative to the onset."""
+    """The response and baseline windows of an epoch, in seconds relative to the onset."""
 
     tmin_s: float
     tmax_s: float
@@ -62,7 +62,7 @@ def epoch_response(
     """Return one trial's response per channel, ``(n_channels,)``.
 
     ``data`` is ``(n_samples, n_channels)`` with sample ``times`` on the same clock as ``onset``.
-    Raises IncompleteEpochError when either window holds fewer than ``min_coverage`` of its samples.
+    Raises IncompleteEpochError when either window has fewer than ``min_coverage`` of its samples.
     """
     response = _window_mean(data, times, onset + window.tmin_s, onset + window.tmax_s, sfreq,
                             min_coverage)

@@ -1,6 +1,6 @@
-"""The simulated subject's noise-free response to a sentence: a model the controller never sees.
+"""The simulated subject's noise-free response to a sentence: a model the controller never uses.
 
-Runs in the simulated subject's process (and in the report, to place dry-run sentences in the pool).
+Runs in the simulated subject's process (and in benchmarks, to score the pool).
 The truth is a fixed random readout of the all-MiniLM-L6-v2 sentence embedding plus a surprisal term
 from SmolLM2-135M, so the controller (Gemma features) faces a real model mismatch. Values are
 z-scores over a reference corpus (the candidate pool), so 0 is the pool's average sentence.

@@ -85,7 +85,7 @@ class MarkerOutlet:
 
 @dataclass(frozen=True)
 class StreamDescription:
-    """What an inlet found when it resolved its stream."""
+    """The properties of a resolved data stream."""
 
     name: str
     stype: str

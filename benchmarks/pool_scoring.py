@@ -62,7 +62,8 @@ def scoring(args) -> None:
     encoder.weights[:] = rng.normal(size=encoder.weights.shape)
 
     def scored(extractor):
-        return lambda: encoder.predict(extractor.extract(texts)[args.layer])
+        layer = extractor.layers[-1]
+        return lambda: encoder.predict(extractor.extract(texts)[layer])
 
     reference_rate, reference = rate(lambda: reference_features(fp32, texts[:n_reference],
                                                                 args.layer), n_reference)

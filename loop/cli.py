@@ -76,8 +76,8 @@ def _cmd_run(args) -> int:
     options = SessionOptions(Path(args.output), args.speed, args.display, args.seed)
     with Progress(console) as progress:
         path = run_session(Path(args.experiment), Path(args.rig), options, progress)
-    table, figure, report = write_report(path)
-    console.print(table, highlight=False, soft_wrap=True)
+    summary, figure, report = write_report(path)
+    console.print(summary, highlight=False, soft_wrap=True)
     console.print(f"\nSession file: {path}\nFigure: {figure}\nReport: {report}")
     console.print(f"Finished in {time.perf_counter() - started:.0f} s.")
     return 0
@@ -86,8 +86,8 @@ def _cmd_run(args) -> int:
 def _cmd_report(args) -> int:
     from loop.report import write_report
 
-    table, figure, report = write_report(Path(args.session))
-    print(table)
+    summary, figure, report = write_report(Path(args.session))
+    print(summary)
     print(f"\nFigure: {figure}\nReport: {report}")
     return 0
 

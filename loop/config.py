@@ -65,7 +65,7 @@ class PoolSettings(Settings):
     """Candidate pool: `builtin:NAME` (shipped), or a .txt/.csv file relative to the experiment file."""
 
     column: str = "sentence"
-    """Column of a CSV pool that holds the sentences."""
+    """Column of a CSV pool that contains the sentences."""
 
     n_words: Annotated[int, Field(ge=1)] | None = 6
     """Keep only sentences of exactly this many words; leave out to keep all."""

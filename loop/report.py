@@ -177,7 +177,7 @@ def plot(summaries: list[ConditionSummary], facts: dict, path: Path) -> None:
         for s in summaries:
             if s.truth_mean is not None:
                 ax.axvline(s.truth_mean, color=colours[s.condition], lw=2,
-                           label=f"{s.condition} mean ({s.truth_percentile:.0f}th pct)")
+                           label=f"{s.condition} mean (percentile {s.truth_percentile:.0f})")
         ax.set_xlabel("noise-free truth (z over the pool)")
         ax.set_title("Evaluation sentences in the pool")
         ax.legend(loc="best", fontsize=8)
@@ -190,7 +190,10 @@ def plot(summaries: list[ConditionSummary], facts: dict, path: Path) -> None:
 
 
 def write_report(session_file: Path) -> tuple[str, Path, Path]:
-    """Rebuild the summary, figure (``.png``) and report (``_report.md``) beside the session."""
+    """Rebuild the figure (``.png``) and report (``_report.md``) beside the session.
+
+    Returns the printed summary (the table and its verdict lines) and the two paths.
+    """
     session_file = Path(session_file)
     summaries, facts = summarise(session_file)
     table = format_table(summaries)
@@ -206,16 +209,16 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
     if "layer_cv_r" in facts:
         cv = ", ".join(f"layer {k}: {v:.3f}" for k, v in facts["layer_cv_r"].items())
         lines.append(f"- calibration cross-validated r by layer: {cv}")
-    lines += ["", "## Evaluation", "", "```", table, "```", "",
-              f"drive > baseline > suppress with non-overlapping 95% CIs: "
-              f"{'yes' if ordering_holds(summaries) else 'no'}"]
-    if "drive" in by and by["drive"].truth_percentile is not None:
-        lines.append(f"noise-free truth of evaluation sentences: drive at the "
-                     f"{by['drive'].truth_percentile:.1f}th percentile of the pool, suppress at "
-                     f"the {by['suppress'].truth_percentile:.1f}th.")
+    verdict = [f"drive > baseline > suppress with non-overlapping 95% CIs: "
+               f"{'yes' if ordering_holds(summaries) else 'no'}"]
+    if "drive" in by and "suppress" in by and by["drive"].truth_percentile is not None:
+        verdict.append(f"noise-free truth of the evaluation sentences: drive at percentile "
+                       f"{by['drive'].truth_percentile:.1f} of the pool, suppress at percentile "
+                       f"{by['suppress'].truth_percentile:.1f}.")
+    lines += ["", "## Evaluation", "", "```", table, "```", "", *verdict]
     if facts["rig_text"]:
         lines += ["", "## Rig (with the simulator's settings, for dry runs)", "", "```toml",
                   facts["rig_text"].strip(), "```"]
     lines += ["", f"![session figure]({figure_path.name})", ""]
     report_path.write_text("\n".join(lines), encoding="utf-8")
-    return table, figure_path, report_path
+    return "\n".join([table, "", *verdict]), figure_path, report_path

@@ -1,7 +1,7 @@
 """Candidate pools: the sentences a session may show, read from a text or CSV corpus file.
 
-Runs in the controller process and in the simulated subject's process. A text file holds one
-sentence per line (``#`` starts a comment line); a CSV file holds a header row and a sentence
+Runs in the controller process and in the simulated subject's process. A text file has one
+sentence per line (``#`` starts a comment line), and a CSV file has a header row and a sentence
 column. Sentences are NFC-normalised, whitespace is collapsed, and repeats are dropped.
 """
 
