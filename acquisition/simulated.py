@@ -137,6 +137,8 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
 
     # The marker inlet is connected before the data outlet appears, so that the controller (which
     # waits for the data stream) cannot send an onset this process would miss.
+    logger.info("Simulated subject loaded; waiting up to %.0f s for the marker stream %r.",
+                config.marker_timeout_s, config.marker_stream)
     found = pylsl.resolve_byprop("name", config.marker_stream, 1, config.marker_timeout_s)
     if not found:
         logger.error("No marker stream %r within %.0f s; the simulator stops.",
@@ -144,6 +146,7 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
         return
     marker_inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
     marker_inlet.open_stream(timeout=config.marker_timeout_s)
+    marker_inlet.time_correction(timeout=config.marker_timeout_s)
 
     info = pylsl.StreamInfo(config.data_stream, "ECoG", config.n_channels, config.sfreq,
                             pylsl.cf_float32, config.source_id)
@@ -155,6 +158,8 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
         channel.append_child_value("type", "HGA")
     info.desc().append_child_value("simulator", json.dumps(asdict(config)))
     outlet = pylsl.StreamOutlet(info, chunk_size=0, max_buffered=60)
+    logger.info("Streaming %d channels at %g Hz as %r.", config.n_channels, config.sfreq,
+                config.data_stream)
     if ready is not None:
         ready.set()
 

@@ -20,6 +20,7 @@ DEFAULT_EXPERIMENT = REPO / "experiments" / "language_drive_suppress.toml"
 DEFAULT_RIG = REPO / "hardware_configs" / "simulated_ecog.toml"
 
 logger = logging.getLogger("neurosteer")
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 
 
 class Progress:
@@ -129,11 +130,15 @@ def _cmd_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neurosteer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="neurosteer",
+        description="Run closed-loop neural control sessions, rebuild their reports, build "
+                    "candidate pools, and run the simulated subject.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a session (a dry run on a simulated rig)")
+    run = commands.add_parser("run", formatter_class=DEFAULTS,
+                           help="run a session (a dry run on a simulated rig)")
     run.add_argument("experiment", nargs="?", default=str(DEFAULT_EXPERIMENT),
                      help="experiment file (TOML)")
     run.add_argument("--rig", default=str(DEFAULT_RIG), help="rig file (TOML)")
@@ -144,13 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="override the experiment's seed")
     run.set_defaults(handler=_cmd_run)
 
-    report = commands.add_parser("report", help="rebuild the report and figure of a session")
+    report = commands.add_parser("report", formatter_class=DEFAULTS,
+                              help="rebuild the report and figure of a session")
     report.add_argument("session", help="session file (.h5)")
     report.set_defaults(handler=_cmd_report)
 
-    pool = commands.add_parser("pool", help="candidate pools")
+    pool = commands.add_parser("pool", formatter_class=DEFAULTS,
+                            help="candidate pools")
     pool_commands = pool.add_subparsers(dest="pool_command", required=True)
-    build = pool_commands.add_parser("build", help="generate a pool with a language model")
+    build = pool_commands.add_parser("build", formatter_class=DEFAULTS,
+                                  help="generate a pool with a language model")
     build.add_argument("--model", default="embedded:gemma3-270m", help="model name or folder")
     build.add_argument("--n", type=int, default=3000, help="number of sentences")
     build.add_argument("--words", type=int, default=6, help="words per sentence")
@@ -163,11 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", required=True, help="pool file to write (.txt)")
     build.set_defaults(handler=_cmd_pool_build)
 
-    simulate = commands.add_parser("simulate", help="run the simulated subject on its own")
+    simulate = commands.add_parser("simulate", formatter_class=DEFAULTS,
+                                help="run the simulated subject on its own")
     simulate.add_argument("--rig", default=str(DEFAULT_RIG), help="rig file with [simulator]")
     simulate.add_argument("--experiment", default=str(DEFAULT_EXPERIMENT),
                           help="experiment whose pool is the truth's reference")
-    simulate.add_argument("--speed", type=float, default=1.0)
+    simulate.add_argument("--speed", type=float, default=1.0,
+                          help="divide every duration by this factor (match the session's --speed)")
     simulate.add_argument("--log", default="simulator.jsonl", help="truth log (JSON lines)")
     simulate.set_defaults(handler=_cmd_simulate)
     return parser

@@ -218,10 +218,9 @@ class Controller:
                         self.state.layer)
             if self.recorder is not None:
                 layers = sorted(self.state.layer_cv_r)
-                self.recorder.write_array("model/layer_selection/layers", np.array(layers))
-                self.recorder.write_array("model/layer_selection/cv_r",
-                                          np.array([self.state.layer_cv_r[k] for k in layers]),
-                                          {"chosen_layer": self.state.layer})
+                self.recorder.add_layer_selection(
+                    len(indices), np.array(layers),
+                    np.array([self.state.layer_cv_r[k] for k in layers]), best)
         features = self.pool_features[self.state.layer]
         if self.encoder is None:
             self.encoder = RidgeEncoder(Standardizer.fit(features), ["target"])

@@ -95,6 +95,7 @@ class SessionRecorder:
         self._updates = Table(self.file.create_group("model/updates"))
         self._faults = Table(self.file.create_group("faults"))
         self._markers = Table(self.file.create_group("markers"))
+        self._layers = Table(self.file.create_group("model/layer_selection"))
         self._streams: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
 
     def write_metadata(self, experiment_text: str, rig_text: str, metadata: dict) -> None:
@@ -159,6 +160,12 @@ class SessionRecorder:
         self._updates.append({"trial": trial, "kind": kind, "n_samples": n_samples,
                               "alphas": alphas, "cv_r": cv_r, "noise_var": noise_var,
                               "weights": weights.astype(np.float32)})
+
+    def add_layer_selection(self, n_samples: int, layers: np.ndarray, cv_r: np.ndarray,
+                            chosen: int) -> None:
+        """Append one cross-validated comparison of the candidate layers."""
+        self._layers.append({"n_samples": n_samples, "layers": layers, "cv_r": cv_r,
+                             "chosen": chosen})
 
     def add_fault(self, time: float, kind: str, message: str) -> None:
         logger.warning("%s: %s", kind, message)

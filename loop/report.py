@@ -66,12 +66,21 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
                                       file["simulator/truth"][()].tolist(), strict=True))
         if "simulator/pool_truth" in file:
             pool_truth = file["simulator/pool_truth"][()]
+        facts["layer_selections"] = []
         if "model/layer_selection/cv_r" in file:
-            facts["layer_cv_r"] = dict(zip(file["model/layer_selection/layers"][()].tolist(),
-                                           file["model/layer_selection/cv_r"][()].tolist(),
-                                           strict=True))
-        facts["rig_text"] = file["config/rig"][()].decode("utf-8") if "config/rig" in file else ""
-        facts["n_faults"] = file["faults/kind"].shape[0] if "faults/kind" in file else 0
+            group = file["model/layer_selection"]
+            for row in range(group["cv_r"].shape[0]):
+                facts["layer_selections"].append((
+                    int(group["n_samples"][row]), int(group["chosen"][row]),
+                    dict(zip(group["layers"][row].tolist(), group["cv_r"][row].tolist(),
+                             strict=True))))
+        for name in ("experiment", "rig"):
+            key = f"config/{name}"
+            facts[f"{name}_text"] = file[key][()].decode("utf-8") if key in file else ""
+        facts["faults"] = []
+        if "faults/kind" in file:
+            facts["faults"] = list(zip(_text_column(file["faults/kind"]),
+                                       _text_column(file["faults/message"]), strict=True))
     facts["n_trials"] = len(trials.get("trial", []))
 
     evaluation = trials["phase"] == "evaluation" if facts["n_trials"] else np.array([], bool)
@@ -165,6 +174,12 @@ def plot(summaries: list[ConditionSummary], facts: dict, path: Path) -> None:
         if mask.any():
             ax.plot(trials["trial"][mask], trials["observed"][mask], ".", color=colour,
                     label=condition, alpha=0.7)
+    for phase in ("closed_loop", "evaluation"):
+        starts = trials["trial"][trials["phase"] == phase]
+        if len(starts):
+            ax.axvline(starts[0] - 0.5, color="black", lw=0.8, ls="--")
+            ax.text(starts[0], ax.get_ylim()[1], f" {phase.replace('_', ' ')}", va="top",
+                    fontsize=8)
     ax.set_xlabel("trial")
     ax.set_ylabel("observed response (a.u.)")
     ax.set_title("Every trial")
@@ -203,21 +218,31 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
     by = {s.condition: s for s in summaries}
     lines = [f"# Session report: {session_file.name}", "",
              f"- status: {facts.get('status')}; trials: {facts['n_trials']}; "
-             f"faults: {facts['n_faults']}",
+             f"faults: {len(facts['faults'])}",
              f"- model: {facts.get('model_identity')}; chosen layer: {facts.get('chosen_layer')}",
              f"- seed: {facts.get('seed')}; speed factor: {facts.get('speed')}"]
-    if "layer_cv_r" in facts:
-        cv = ", ".join(f"layer {k}: {v:.3f}" for k, v in facts["layer_cv_r"].items())
-        lines.append(f"- calibration cross-validated r by layer: {cv}")
+    for n_samples, chosen, cv_r in facts["layer_selections"]:
+        scores = ", ".join(f"layer {k}: {v:.3f}" for k, v in cv_r.items())
+        lines.append(f"- leave-one-out r by layer after {n_samples} trials: {scores}; "
+                     f"chose layer {chosen}")
+    for kind, message in facts["faults"]:
+        lines.append(f"- fault ({kind}): {message}")
     verdict = [f"drive > baseline > suppress with non-overlapping 95% CIs: "
                f"{'yes' if ordering_holds(summaries) else 'no'}"]
     if "drive" in by and "suppress" in by and by["drive"].truth_percentile is not None:
         verdict.append(f"noise-free truth of the evaluation sentences: drive at percentile "
                        f"{by['drive'].truth_percentile:.1f} of the pool, suppress at percentile "
                        f"{by['suppress'].truth_percentile:.1f}.")
-    lines += ["", "## Evaluation", "", "```", table, "```", "", *verdict]
+    lines += ["", "## Evaluation", "", "```", table, "```", "", *verdict, "",
+              "Columns: n trials; observed mean response over the target channels with its 95% "
+              "CI (Student t); mean predicted response; change of the observed mean from the "
+              "baseline mean, in % of the baseline mean and in baseline SDs; for dry runs, the "
+              "mean noise-free truth (z over the pool) and its percentile among the pool's "
+              "sentences."]
+    if facts["experiment_text"]:
+        lines += ["", "## Experiment file", "", "```toml", facts["experiment_text"].strip(), "```"]
     if facts["rig_text"]:
-        lines += ["", "## Rig (with the simulator's settings, for dry runs)", "", "```toml",
+        lines += ["", "## Rig file (with the simulator's settings, for dry runs)", "", "```toml",
                   facts["rig_text"].strip(), "```"]
     lines += ["", f"![session figure]({figure_path.name})", ""]
     report_path.write_text("\n".join(lines), encoding="utf-8")

@@ -47,6 +47,23 @@ class SessionOptions:
     simulator_ready_timeout_s: float = 900.0
 
 
+def resolve_model_name(name: str, base: Path) -> str:
+    """Return a model name with a relative folder taken relative to ``base`` (the experiment's).
+
+    Embedded names, absolute paths and hub names are returned unchanged; a relative path that
+    does not exist beside the experiment file is left for the hub-cache lookup.
+    """
+    from synth.models import EMBEDDED_PREFIX
+
+    if name.startswith(EMBEDDED_PREFIX):
+        return name
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return str(path)
+    beside = (base / path).resolve()
+    return str(beside) if beside.exists() else name
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in RECORDED_PACKAGES:
@@ -149,6 +166,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     from loop.controller import Controller
     from loop.presentation import HeadlessPresenter
     from loop.recording import SessionRecorder
+    from synth.errors import ModelNotFoundError
     from synth.models import resolve_model_path
 
     experiment_path, rig_path = Path(experiment_path), Path(rig_path)
@@ -157,7 +175,13 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     seed = experiment.experiment.seed if options.seed is None else options.seed
     if rig.simulator is not None:
         _check_simulated_channels(experiment, experiment_path, rig)
-    resolve_model_path(experiment.model.name)
+    model_name = resolve_model_name(experiment.model.name, experiment_path.parent)
+    try:
+        resolve_model_path(model_name)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"{experiment_path}: model.name: {err}") from None
+    experiment = experiment.model_copy(
+        update={"model": experiment.model.model_copy(update={"name": model_name})})
     configure_lsl(lsl_config_path(rig, rig_path))
 
     path = session_path(options.output_dir, experiment.experiment.name)

@@ -117,6 +117,8 @@ class TextFeatureExtractor:
             for index, vector in found.items():
                 result[layer][index] = vector
         if missing_any:
+            logger.info("Computing features of %d sentences at layers %s with %s (cached on disk "
+                        "for later runs).", len(missing_any), self.layers, self.loaded.identity)
             order = sorted(missing_any)
             computed = self._compute([texts[index] for index in order], progress)
             for layer in self.layers:

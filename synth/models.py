@@ -40,6 +40,11 @@ def set_offline() -> None:
     """Forbid hub downloads in this process; transformers' GGUF loader tries one otherwise."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    # transformers draws a progress bar for every weight load; a session prints its own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _gemma_gguf(workdir: Path) -> Path:

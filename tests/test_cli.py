@@ -37,7 +37,7 @@ def test_missing_model_path(tmp_path, capsys):
     code, err = run(capsys, "run", str(experiment), "--rig", str(RIG), "--output",
                     str(tmp_path / "out"))
     assert code == 2
-    assert f"Model '{missing}' was not found" in err
+    assert err.startswith(f"neurosteer: {experiment}: model.name: Model '{missing}' was not found")
     assert "Give the path of a local model folder" in err
     assert not (tmp_path / "out").exists()
 
@@ -66,3 +66,13 @@ def test_help(argv, capsys):
         main(argv)
     assert caught.value.code == 0
     assert "usage: neurosteer" in capsys.readouterr().out
+
+
+def test_relative_model_folder_beside_experiment(tmp_path):
+    from loop.session import resolve_model_name
+
+    (tmp_path / "models" / "gpt2-xl").mkdir(parents=True)
+    assert resolve_model_name("models/gpt2-xl", tmp_path) == str(tmp_path / "models" / "gpt2-xl")
+    assert resolve_model_name("gpt2-xl", tmp_path) == "gpt2-xl"
+    assert resolve_model_name("embedded:gemma3-270m", tmp_path) == "embedded:gemma3-270m"
+    assert resolve_model_name("/abs/model", tmp_path) == "/abs/model"
