@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from acquisition.errors import StreamLostError, StreamNotFoundError
     from loop.errors import ConfigError, DeadlineMissedError, SessionAbortedError
     from synth.errors import CacheCorruptError, ModelNotFoundError
+    from synth.generation import PoolGenerationError
     from synth.pool import PoolFileError
 
     args = build_parser().parse_args(argv)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ConfigError, ModelNotFoundError, CacheCorruptError, PoolFileError,
             StreamNotFoundError, StreamLostError, DeadlineMissedError, SessionAbortedError,
-            FileExistsError) as err:
+            PoolGenerationError, FileExistsError) as err:
         notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
         print(f"neurosteer: {err}{notes}", file=sys.stderr)
         return 2

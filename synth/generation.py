@@ -573,9 +573,3 @@ def write_pool(path: str | Path, sentences: Sequence[str], metadata: dict,
         partial = target.with_name(f".{target.name}.partial")
         partial.write_text(text, encoding="utf-8")
         partial.replace(target)
-
-
-def read_pool(path: str | Path) -> list[str]:
-    """Return the sentences of a pool file, one per non-empty line."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip()]

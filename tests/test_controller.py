@@ -13,7 +13,7 @@ from loop.offline import DiscardMarkers
 from loop.presentation import HeadlessPresenter, Onset
 from synth.pool import CandidatePool, stimulus_id
 
-from .test_config import EXPERIMENT, shipped_with
+from .test_config import shipped_with
 
 
 class LinearSubject:
