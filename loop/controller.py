@@ -2,7 +2,8 @@
 
 Runs in the session's main process. Everything it touches is passed in: the presenter (which sends
 markers), the response source (an LSL inlet or an in-process simulator), the recorder, the clock and
-a seeded Generator, so the same controller runs a real session, a dry run and the benchmarks.
+a seeded Generator. The same controller therefore runs a real session, a dry run and the
+benchmarks.
 Per trial it presents the stimulus, waits for its response window, updates the encoding model by a
 rank-one step and chooses the next stimulus before the next onset is due.
 """

@@ -1,9 +1,9 @@
 """Session reports rebuilt from the session file alone: a summary table, a figure and a text file.
 
-Runs after a session, in the ``neurosteer run`` and ``neurosteer report`` commands. The summary is
-per condition of the evaluation phase: n, observed mean with its 95% CI (Student t), predicted mean,
-change from baseline in % and in baseline SDs, and for dry runs the noise-free truth with its
-percentile in the candidate pool.
+Runs after a session, in the ``neurosteer run`` and ``neurosteer report`` commands. The summary has
+one row per condition of the evaluation phase. A row gives n, the observed mean with its 95% CI
+(Student t), the predicted mean, and the change from baseline in % and in baseline SDs. For dry runs
+it adds the noise-free truth and its percentile in the candidate pool.
 """
 
 from __future__ import annotations

