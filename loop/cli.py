@@ -93,6 +93,17 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from loop.inspect_session import inspect_session
+
+    path = Path(args.session)
+    if not path.is_file():
+        print(f"neurosteer: {path}: session file not found.", file=sys.stderr)
+        return 2
+    print(inspect_session(path))
+    return 0
+
+
 def _cmd_pool_build(args) -> int:
     from rich.progress import Progress as Bar
 
@@ -153,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                               help="rebuild the report and figure of a session")
     report.add_argument("session", help="session file (.h5)")
     report.set_defaults(handler=_cmd_report)
+
+    inspect = commands.add_parser("inspect", formatter_class=DEFAULTS,
+                                  help="summarise what a session file contains")
+    inspect.add_argument("session", help="session file (.h5)")
+    inspect.set_defaults(handler=_cmd_inspect)
 
     pool = commands.add_parser("pool", formatter_class=DEFAULTS,
                             help="candidate pools")

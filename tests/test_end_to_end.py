@@ -192,3 +192,18 @@ def test_lost_stream_keeps_completed_trials(tmp_path):
         assert file.attrs["status"] == "aborted"
         trials = read_trials(file)
     assert trials["trial"].tolist() == list(range(9))
+
+
+def test_inspect_summarises_session(dry_run):
+    from loop.inspect_session import inspect_session
+
+    path, _ = dry_run
+    text = inspect_session(path)
+    lines = text.splitlines()
+    assert lines[0] == f"Session file: {path}"
+    assert "  status: complete" in lines
+    assert "Trials: 24" in lines
+    assert "  calibration  calibration     12" in lines
+    assert "  evaluation   drive            2" in lines
+    assert any(line.startswith("Stream neurosteer-e2e-data: 64 channels at 1000 Hz") for line in lines)
+    assert "Model updates: fit 2, online 6" in lines
