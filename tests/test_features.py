@@ -123,3 +123,25 @@ def test_missing_model_path_message(tmp_path):
         resolve_model_path(str(tmp_path / "empty"))
     with pytest.raises(ModelNotFoundError, match="Unknown embedded model 'embedded:gpt5'"):
         resolve_model_path("embedded:gpt5")
+
+
+def test_local_gpt2_folder(gemma, tmp_path):
+    """A GPT-2 architecture (blocks under ``h``) saved to a local folder, as a lab's GPT2-XL is."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from synth.models import load_causal_lm
+
+    config = GPT2Config(vocab_size=len(gemma.tokenizer), n_embd=32, n_layer=3, n_head=2,
+                        n_positions=64)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "tiny-gpt2")
+    gemma.tokenizer.save_pretrained(tmp_path / "tiny-gpt2")
+
+    loaded = load_causal_lm(str(tmp_path / "tiny-gpt2"), device="cpu", dtype="float32")
+    assert loaded.identity.startswith("local:tiny-gpt2@")
+    features = TextFeatureExtractor(loaded, [1, 2], pooling="last", cache_dir=tmp_path).extract(TEXTS)
+    for index, text in enumerate(TEXTS):
+        hidden_states, _ = reference_hidden_states(loaded, text)
+        for layer in (1, 2):
+            np.testing.assert_allclose(features[layer][index], hidden_states[layer][0, -1].numpy(),
+                                       rtol=1e-5, atol=1e-5)
