@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from acquisition.responses import EpochedSimulator
-from acquisition.simulated import EcogRenderer, SimulatorConfig, channel_names
+from acquisition.simulated import EcogRenderer, channel_names
 from loop.clock import SteppedClock
 from loop.config import Experiment, SimulatorSettings
 from loop.controller import Controller, ControllerState
@@ -44,17 +44,11 @@ class OfflineResult:
     state: ControllerState
 
 
-def renderer_for(simulator: SimulatorSettings, seed: int) -> EcogRenderer:
+def renderer_for(simulator: SimulatorSettings) -> EcogRenderer:
     """Return the simulated subject's response model for the rig's simulator settings."""
-    config = SimulatorConfig(
-        data_stream="", marker_stream="", source_id="", pool_file="", log_file="",
-        pool_n_words=None, lsl_config=None, n_channels=simulator.n_channels,
-        sfreq=simulator.sfreq, target_channels=tuple(simulator.target_channels),
-        snr=simulator.snr, signal_sd=simulator.signal_sd, mean_level=simulator.mean_level,
-        latency_s=simulator.latency_s, response_duration_s=simulator.response_duration_s,
-        baseline_s=simulator.baseline_s, seed=seed,
-    )
-    return EcogRenderer(config)
+    from loop.session import simulator_config
+
+    return EcogRenderer(simulator_config(simulator))
 
 
 def run_offline(experiment: Experiment, simulator: SimulatorSettings, pool, pool_features,
@@ -62,7 +56,7 @@ def run_offline(experiment: Experiment, simulator: SimulatorSettings, pool, pool
     """Run one session in-process and score its evaluation sentences against the truth."""
     info = experiment.experiment.model_copy(update={"seed": seed})
     experiment = experiment.model_copy(update={"experiment": info})
-    renderer = renderer_for(simulator, simulator.seed)
+    renderer = renderer_for(simulator)
     truth_of = dict(zip(pool.texts, pool_truth, strict=True))
     responses = EpochedSimulator(renderer, lambda texts: np.array([truth_of[t] for t in texts]),
                                  np.random.default_rng([seed, 2]))

@@ -90,23 +90,29 @@ def load_pool_and_features(experiment: Experiment, experiment_path: Path, progre
     return pool, features, loaded.identity
 
 
-def _simulator_config(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: int | None,
-                      log_file: Path, speed: float):
+def simulator_config(simulator, speed: float = 1.0, **wire):
+    """Return the simulated subject's process settings from a rig's ``[simulator]`` table.
+
+    ``wire`` gives the stream names, source id, pool and log files; in-process runs leave them
+    empty.
+    """
     from acquisition.simulated import SimulatorConfig
 
-    simulator = rig.simulator
+    defaults = {"data_stream": "", "marker_stream": "", "source_id": "", "pool_file": "",
+                "log_file": "", "pool_n_words": None, "lsl_config": None}
+    settings = simulator.model_dump()
+    settings["target_channels"] = tuple(settings["target_channels"])
+    return SimulatorConfig(speed=speed, **(defaults | wire), **settings)
+
+
+def _simulator_config(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: int | None,
+                      log_file: Path, speed: float):
     lsl_path = lsl_config_path(rig, rig_path)
-    return SimulatorConfig(
-        data_stream=rig.lsl.data_stream, marker_stream=rig.lsl.marker_stream,
-        source_id=f"neurosteer-sim-{simulator.seed}", pool_file=str(pool_file),
-        log_file=str(log_file), pool_n_words=pool_n_words, lsl_config=str(lsl_path) if lsl_path else None,
-        n_channels=simulator.n_channels, sfreq=simulator.sfreq,
-        target_channels=tuple(simulator.target_channels), snr=simulator.snr,
-        signal_sd=simulator.signal_sd, mean_level=simulator.mean_level,
-        latency_s=simulator.latency_s, response_duration_s=simulator.response_duration_s,
-        baseline_s=simulator.baseline_s, readout_weight=simulator.readout_weight,
-        surprisal_weight=simulator.surprisal_weight, surprisal_model=simulator.surprisal_model,
-        seed=simulator.seed, speed=speed,
+    return simulator_config(
+        rig.simulator, speed, data_stream=rig.lsl.data_stream,
+        marker_stream=rig.lsl.marker_stream, source_id=f"neurosteer-sim-{rig.simulator.seed}",
+        pool_file=str(pool_file), log_file=str(log_file), pool_n_words=pool_n_words,
+        lsl_config=str(lsl_path) if lsl_path else None,
     )
 
 
