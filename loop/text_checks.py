@@ -63,8 +63,8 @@ def find_font_file(font_name: str) -> Path:
     matched_family = match.name if match else None
     if not match or not match.file or (matched_family or "").lower() != font_name.lower():
         raise FileNotFoundError(
-            f"Font {font_name!r} is not installed: fontconfig offers {matched_family!r} in its place, "
-            "which PsychoPy would draw without a warning. Install the font (copy its files into "
+            f"Font {font_name!r} is not installed, and fontconfig offers {matched_family!r} in its "
+            "place, which PsychoPy would draw without a warning. Install the font (copy its files into "
             "~/.local/share/fonts and run fc-cache), or set the text font to a family that "
             "`fc-list : family` lists."
         )
@@ -129,7 +129,7 @@ def unfit_texts(
     unfit: list[tuple[str, str]] = []
     for text in texts:
         stim.text = text
-        # boundingBox is in pixels in PsychoPy 2026.2 whatever the units (its docstring says so).
+        # boundingBox is in pixels in PsychoPy 2026.2 whatever the units, as its docstring states.
         width_pix, height_pix = stim.boundingBox
         n_lines = round(height_pix / line_height_pix)
 
@@ -168,12 +168,15 @@ def check_texts_before_run(
     if font_file is None:
         font_file = find_font_file(text_settings.font)
 
-    problems: list[tuple[str, str]] = []
+    # Reasons per text, in the order of ``texts``, so that each sentence is listed once.
+    reasons: dict[str, list[str]] = {}
     for text, chars in missing_glyphs(texts, font_file).items():
         listed = ", ".join(f"{char!r} (U+{ord(char):04X})" for char in chars)
-        problems.append((text, f"Font file {font_file.name} has no glyph for {listed}."))
-    problems += unfit_texts(window, texts, text_settings, max_lines, max_height_fraction)
+        reasons.setdefault(text, []).append(f"Font file {font_file.name} has no glyph for {listed}.")
+    for text, reason in unfit_texts(window, texts, text_settings, max_lines, max_height_fraction):
+        reasons.setdefault(text, []).append(reason)
 
+    problems = [(text, " ".join(reasons[text])) for text in dict.fromkeys(texts) if text in reasons]
     if problems:
         raise TextCheckError(problems)
     logger.info("Checked %d sentences against font file %s and the window: all fit.", len(texts), font_file)

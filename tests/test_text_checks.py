@@ -25,7 +25,7 @@ WINDOW = WindowSettings(size_pix=(800, 600), background_color="grey", units="hei
 TEXT = TextSettings(font=FONT, height=0.05, wrap_width=0.8, color="white")
 
 SHORT_SENTENCE = "The bridge held."
-# One word of 60 letters is about 1000 px at this size, twice the 480 px wrap width.
+# One word of 60 letters, far wider than the 480 px wrap width at this text height.
 LONG_WORD = "Pneumonoultramicroscopicsilicovolcanoconiosis" + "x" * 15
 LONG_SENTENCE = (
     "The committee postponed its decision until the engineers could measure how the bridge "
@@ -91,7 +91,9 @@ def test_missing_glyphs_several_texts(dejavu_file: Path) -> None:
 
 @pytest.mark.display
 def test_unfit_texts_short_sentence_fits(window) -> None:
-    assert unfit_texts(window, [SHORT_SENTENCE, LONG_SENTENCE], TEXT, max_lines=4, max_height_fraction=0.5) == []
+    assert (
+        unfit_texts(window, [SHORT_SENTENCE, LONG_SENTENCE], TEXT, max_lines=5, max_height_fraction=0.5) == []
+    )
 
 
 @pytest.mark.display
@@ -106,17 +108,19 @@ def test_unfit_texts_long_word(window) -> None:
 
 @pytest.mark.display
 def test_unfit_texts_too_many_lines(window) -> None:
-    # LONG_SENTENCE wraps onto 4 lines of 35 px at a 480 px wrap width (measured under Xvfb).
+    # LONG_SENTENCE wraps onto 5 lines of 35 px at a 480 px wrap width (measured under Xvfb).
     unfit = unfit_texts(window, [LONG_SENTENCE], TEXT, max_lines=2, max_height_fraction=1.0)
 
     assert [text for text, _ in unfit] == [LONG_SENTENCE]
-    assert "It takes 4 lines, more than the maximum of 2." in unfit[0][1]
+    assert "It takes 5 lines, more than the maximum of 2." in unfit[0][1]
 
 
 @pytest.mark.display
 def test_unfit_texts_too_tall(window) -> None:
-    # Four lines are 140 px, more than a tenth of the 600 px window.
-    unfit = unfit_texts(window, [SHORT_SENTENCE, LONG_SENTENCE], TEXT, max_lines=None, max_height_fraction=0.1)
+    # Five lines are 175 px, more than a tenth of the 600 px window.
+    unfit = unfit_texts(
+        window, [SHORT_SENTENCE, LONG_SENTENCE], TEXT, max_lines=None, max_height_fraction=0.1
+    )
 
     assert [text for text, _ in unfit] == [LONG_SENTENCE]
     assert "more than 0.1 of the 600 px window height (60 px)" in unfit[0][1]
@@ -141,7 +145,7 @@ def test_check_texts_before_run_lists_all(window) -> None:
     texts = [SHORT_SENTENCE, LONG_WORD, CJK_SENTENCE, hidden_space]
 
     with pytest.raises(TextCheckError) as caught:
-        check_texts_before_run(window, texts, TEXT, max_lines=4)
+        check_texts_before_run(window, texts, TEXT, max_lines=5)
 
     error = caught.value
     message = str(error)
@@ -152,3 +156,16 @@ def test_check_texts_before_run_lists_all(window) -> None:
     # repr shows the zero-width space, so the reader can find it in the sentence.
     assert "'Zero\\u200bwidth space" in message
     assert SHORT_SENTENCE not in message
+
+
+@pytest.mark.display
+def test_check_texts_before_run_both_reasons(window) -> None:
+    text = "中" + LONG_WORD
+
+    with pytest.raises(TextCheckError) as caught:
+        check_texts_before_run(window, [text], TEXT)
+
+    assert len(caught.value.problems) == 1
+    reason = caught.value.problems[0][1]
+    assert reason.startswith("Font file DejaVuSans.ttf has no glyph for '中' (U+4E2D). It is ")
+    assert "more than the wrap width of 480 px" in reason
