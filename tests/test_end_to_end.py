@@ -153,8 +153,11 @@ def test_dry_run_with_psychopy_window(tmp_path, xvfb_display):
         trials = read_trials(file)
     assert len(trials["trial"]) == 24
     assert [row["text"] for row in log] == trials["text"].tolist()
-    # Onsets are flip times: each is at or after its due time (Xvfb flips within a few ms).
-    assert (trials["onset"] >= trials["due"] - 0.002).all()
+    # Onsets are flip times. The presenter flips when the next frame is predicted to land at the
+    # due time, and Xvfb has no vsync, so an onset may come up to about one 60 Hz frame early.
+    early = trials["due"] - trials["onset"]
+    assert early.max() < 0.020, f"onset {early.max() * 1000:.1f} ms before its due time"
+    assert (trials["onset"] - trials["due"]).max() < 0.5
 
 
 class StopSubjectAt:
