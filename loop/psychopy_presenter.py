@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from loop.clock import Clock
 from loop.presentation import MarkerSink, Onset, Stimulus, onset_marker
@@ -143,7 +143,6 @@ class PsychoPyPresenter:
         # Importing PsychoPy also creates ~/.psychopy3, so HOME must be writable.
         os.environ["PYGLET_SHADOW_WINDOW"] = "0"
         from psychopy import logging as psychopy_logging
-        from psychopy import visual
 
         window = self._open_window()
         self._window = window
@@ -155,9 +154,9 @@ class PsychoPyPresenter:
         self._flip_clock = psychopy_logging.defaultClock.getTime
         self._clock_offset_s, uncertainty_s = self._measure_clock_offset()
 
-        self._sentence = self._make_text_stim(visual, window, "")
-        self._message = self._make_text_stim(visual, window, "")
-        self._fixation = self._make_text_stim(visual, window, self._text_settings.fixation_text)
+        self._sentence = make_text_stim(window, self._text_settings, "")
+        self._message = make_text_stim(window, self._text_settings, "")
+        self._fixation = make_text_stim(window, self._text_settings, self._text_settings.fixation_text)
         self._fixation.draw()
         self._flip()
         logger.info(
@@ -277,21 +276,6 @@ class PsychoPyPresenter:
         window.refreshThreshold = 1.2 * period_s
         return period_s
 
-    def _make_text_stim(self, visual: Any, window: Window, text: str) -> TextStim:
-        settings = self._text_settings
-        return visual.TextStim(
-            window,
-            text=text,
-            font=settings.font,
-            height=settings.height,
-            wrapWidth=settings.wrap_width,
-            color=settings.color,
-            alignText="center",
-            anchorHoriz="center",
-            anchorVert="center",
-            autoLog=False,
-        )
-
     def _require_open(self) -> Window:
         if self._window is None:
             raise RuntimeError("The PsychoPy window is not open. Call open() first.")
@@ -331,3 +315,21 @@ class PsychoPyPresenter:
                 best_gap = after - before
         # The offset lies within half the gap of the value returned.
         return best_offset, best_gap / 2
+
+
+def make_text_stim(window: Window, settings: TextSettings, text: str) -> TextStim:
+    """Create the TextStim that shows ``text``; the pre-run checks lay text out with it too."""
+    from psychopy import visual
+
+    return visual.TextStim(
+        window,
+        text=text,
+        font=settings.font,
+        height=settings.height,
+        wrapWidth=settings.wrap_width,
+        color=settings.color,
+        alignText="center",
+        anchorHoriz="center",
+        anchorVert="center",
+        autoLog=False,
+    )

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loop.psychopy_presenter import TextSettings
+from loop.psychopy_presenter import TextSettings, make_text_stim
 
 if TYPE_CHECKING:
-    from psychopy.visual import TextStim, Window
+    from psychopy.visual import Window
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def unfit_texts(
 
     from psychopy.tools.monitorunittools import convertToPix
 
-    stim = _make_text_stim(window, text_settings, LINE_PROBE_TEXT)
+    stim = make_text_stim(window, text_settings, LINE_PROBE_TEXT)
     _, line_height_pix = stim.boundingBox
     wrap_width_pix = float(
         convertToPix(vertices=[text_settings.wrap_width, 0], pos=[0, 0], units=stim.units, win=window)[0]
@@ -180,21 +180,3 @@ def check_texts_before_run(
     if problems:
         raise TextCheckError(problems)
     logger.info("Checked %d sentences against font file %s and the window: all fit.", len(texts), font_file)
-
-
-def _make_text_stim(window: Window, settings: TextSettings, text: str) -> TextStim:
-    # The same arguments as PsychoPyPresenter._make_text_stim, so the layout is the one shown.
-    from psychopy import visual
-
-    return visual.TextStim(
-        window,
-        text=text,
-        font=settings.font,
-        height=settings.height,
-        wrapWidth=settings.wrap_width,
-        color=settings.color,
-        alignText="center",
-        anchorHoriz="center",
-        anchorVert="center",
-        autoLog=False,
-    )
