@@ -73,6 +73,14 @@ class EcogRenderer:
         self.gains[list(config.target_channels)] = rng.uniform(0.8, 1.2, len(config.target_channels))
         self._noise_rng = np.random.default_rng([config.seed, 1])
         self._responses: list[tuple[float, np.ndarray]] = []
+        self._ramp_s = min(0.05 / speed, self.duration_s / 4)
+        samples = np.arange(n_window) / config.sfreq
+        self._shape_scale = 1.0 / float(np.mean(self._shape(samples)))
+
+    def _shape(self, local: np.ndarray) -> np.ndarray:
+        """Return the response time course: a plateau with raised-cosine edges, peak 1."""
+        edge = np.minimum(np.minimum(local, self.duration_s - local) / self._ramp_s, 1.0)
+        return 0.5 - 0.5 * np.cos(np.pi * edge)
 
     def amplitudes(self, truth_z: float) -> np.ndarray:
         """Return the noise-free response of each channel to a stimulus of truth ``truth_z``."""
@@ -86,28 +94,20 @@ class EcogRenderer:
 
     def render(self, times: np.ndarray) -> np.ndarray:
         """Return ``(n_samples, n_channels)`` float32 data at sample ``times``."""
-        shape = (len(times), self.config.n_channels)
-        data = self._noise_rng.normal(0.0, self.sample_noise_sd, shape)
+        data = self._noise_rng.normal(0.0, self.sample_noise_sd,
+                                      (len(times), self.config.n_channels))
         if len(times) == 0:
             return data.astype(np.float32)
-        ramp = min(0.05 / self.config.speed, self.duration_s / 4)
         for onset, amplitudes in self._responses:
             start = onset + self.latency_s
             inside = (times >= start) & (times < start + self.duration_s)
             if inside.any():
-                # A plateau with raised-cosine edges, scaled so that its mean over the window is 1.
-                local = times[inside] - start
-                edge = np.minimum(np.minimum(local, self.duration_s - local) / ramp, 1.0)
-                shape_ = 0.5 - 0.5 * np.cos(np.pi * edge)
-                data[inside] += np.outer(shape_ / self._shape_mean(ramp), amplitudes)
+                # Scaled so that the response's mean over its window is its amplitude.
+                shape = self._shape(times[inside] - start) * self._shape_scale
+                data[inside] += np.outer(shape, amplitudes)
         horizon = times[-1] - self.latency_s - self.duration_s
         self._responses = [item for item in self._responses if item[0] > horizon]
         return data.astype(np.float32)
-
-    def _shape_mean(self, ramp: float) -> float:
-        local = np.arange(max(1, round(self.duration_s * self.config.sfreq))) / self.config.sfreq
-        edge = np.minimum(np.minimum(local, self.duration_s - local) / ramp, 1.0)
-        return float(np.mean(0.5 - 0.5 * np.cos(np.pi * edge)))
 
 
 def truth_file(log_file: str | Path) -> Path:
@@ -237,7 +237,3 @@ class SimulatorProcess:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout_s)
-
-    @property
-    def alive(self) -> bool:
-        return self._process.is_alive()

@@ -42,13 +42,11 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self._progress.stop()
 
-    def features(self, n_done: int) -> None:
+    def __call__(self, n_done: int) -> None:
+        """Advance the feature-extraction bar by ``n_done`` sentences."""
         if self._task is None:
             self._task = self._progress.add_task("features", total=None, status="")
         self._progress.advance(self._task, n_done)
-
-    def __call__(self, n_done: int) -> None:
-        self.features(n_done)
 
     def phase(self, name: str, n_trials: int) -> None:
         if self._task is not None:

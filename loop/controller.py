@@ -11,7 +11,6 @@ rank-one step and chooses the next stimulus before the next onset is due.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,7 +48,6 @@ class ControllerState:
     layer: int | None = None
     layer_cv_r: dict[int, float] = field(default_factory=dict)
     trials: list[TrialRecord] = field(default_factory=list)
-    selection_times_s: list[float] = field(default_factory=list)
     n_late_onsets: int = 0
 
 
@@ -143,11 +141,9 @@ class Controller:
         self.state.indices.append(index)
         self.state.responses.append(observed)
         if update and self.encoder is not None:
-            started = time.perf_counter()
             directions = self.encoder.update(self.pool_features[self.state.layer][index][None],
                                              np.array([[observed]]))
             self.scorer.apply_update(directions)
-            self.state.selection_times_s.append(time.perf_counter() - started)
             self._record_update("online")
         return record
 
@@ -258,9 +254,7 @@ class Controller:
         for block in range(1, settings.n_blocks + 1):
             order = self.rng.permutation(conditions)
             for condition in order:
-                started = time.perf_counter()
                 index = self._choose(str(condition), self.experiment.encoding.exploration)
-                self.state.selection_times_s.append(time.perf_counter() - started)
                 predicted, predicted_sd = self._prediction(index)
                 self._run_trial("closed_loop", block, str(condition), index, predicted,
                                 predicted_sd, update=learning)

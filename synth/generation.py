@@ -17,7 +17,6 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -527,11 +526,6 @@ def generate_pool(
 def generate_sentences(loaded: LoadedModel, n_sentences: int, **options) -> list[str]:
     """Sample ``n_sentences`` distinct sentences; the options are those of :func:`generate_pool`."""
     return generate_pool(loaded, n_sentences, **options).sentences
-
-
-def default_pool_path() -> Path:
-    """Return the path of the pool shipped with neurosteer (Gemma 3 270M, six-word sentences)."""
-    return Path(str(resources.files("synth.data").joinpath(DEFAULT_POOL_NAME)))
 
 
 def write_pool(path: str | Path, sentences: Sequence[str], metadata: dict,
