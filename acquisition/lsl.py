@@ -133,8 +133,8 @@ class DataInlet:
             channel_names=tuple(_channel_names(full)),
         )
         self._inlet.open_stream(timeout=timeout_s)
-        # The first clock-offset estimate blocks for about 0.5 s; take it now, not on the first
-        # pull inside a trial (it made the second onset of every session late).
+        # The first clock-offset estimate blocks for about 0.5 s, so it is taken here. On the first
+        # pull inside a trial, it made the second onset of every session late.
         self.clock_offset_s = self._inlet.time_correction(timeout=timeout_s)
 
     def pull(self, max_samples: int = 65536) -> tuple[np.ndarray, np.ndarray]:

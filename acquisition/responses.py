@@ -1,8 +1,8 @@
 """Response sources: how the controller gets one trial's response after its onset.
 
-``LSLResponses`` pulls the data inlet into a buffer (and hands every chunk to the recorder) and
-epochs it once the stream covers the trial's windows; it runs in the controller process with the
-clock passed in. ``EpochedSimulator`` draws responses directly from the simulated subject's model
+``LSLResponses`` runs in the controller process with the clock passed in. It pulls the data inlet
+into a buffer, hands every chunk to the recorder, and epochs a trial once the stream covers its
+windows. ``EpochedSimulator`` draws responses directly from the simulated subject's model
 with no stream, for the in-process benchmarks.
 """
 

@@ -5,15 +5,17 @@ over several seeds. All policies run the same schedule (calibration, closed-loop
 evaluation) with the same number of trials:
 
 - random: drive and suppress sentences drawn at random;
-- open_loop: every choice made by the calibration model, never updated (the anchor's method);
+- open_loop: every choice made by the calibration model, never updated (the method of
+  Tuckute et al. 2024);
 - closed_loop: the model updated after every trial and refitted after every block.
 
 A fourth line, calibration_only, spends the closed-loop trials on more diverse calibration before
 the evaluation: a stronger open-loop reference, reported for comparison.
 
 For each policy it prints the mean noise-free truth of the selected sentences as a fraction of
-the pool oracle: of the evaluation drive (suppress) sentences against the n best (worst) pool
-sentences, and of every drive (suppress) sentence shown after calibration against as many.
+the pool oracle. It does so twice: for the evaluation drive (suppress) sentences against the n best
+(worst) pool sentences, and for every drive (suppress) sentence shown after calibration against
+as many.
 
     python benchmarks/control_efficacy.py [--seeds 5] [--experiment FILE] [--rig FILE]
 """

@@ -30,7 +30,7 @@ from synth.pool import load_pool_file  # noqa: E402
 
 
 def reference_features(loaded, texts, layer):
-    """The reference: the full causal LM, one sentence at a time, all hidden states returned."""
+    """Compute the reference features: the full causal LM, one sentence at a time."""
     import torch
 
     out = []

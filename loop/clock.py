@@ -1,6 +1,6 @@
 """Clocks passed into the controller and presenters, so that no processing code reads time itself.
 
-``LSLClock`` is the real one (liblsl's monotonic clock, the time base of every marker and sample);
+``LSLClock`` is the real one: liblsl's monotonic clock, the time base of every marker and sample.
 ``SteppedClock`` jumps straight to each deadline, for in-process benchmarks and tests.
 """
 

@@ -29,8 +29,8 @@ from synth.pool import CandidatePool
 logger = logging.getLogger(__name__)
 
 # closed_loop: update after every trial, refit after every block.
-# open_loop: the same schedule, every choice made by the calibration model (the anchor study's
-#   method); the responses are recorded but never used.
+# open_loop: the same schedule, every choice made by the calibration model (the method of
+#   Tuckute et al. 2024); the responses are recorded but never used.
 # calibration_only: the whole budget spent on diverse calibration, then evaluation.
 # random: the same schedule with random drive and suppress sentences.
 POLICIES = ("closed_loop", "open_loop", "calibration_only", "random")
@@ -42,7 +42,7 @@ LATE_ONSET_S = 0.020
 class ControllerState:
     """The controller's record of the session so far, which reports and benchmarks read back."""
 
-    shown: np.ndarray
+    shown_mask: np.ndarray
     indices: list[int] = field(default_factory=list)
     responses: list[float] = field(default_factory=list)
     layer: int | None = None
@@ -89,7 +89,7 @@ class Controller:
         self.reselect_layer = reselect_layer
         encoding = experiment.encoding
         self.alphas = alpha_grid(encoding.alpha_min, encoding.alpha_max, encoding.n_alphas)
-        self.state = ControllerState(shown=np.zeros(len(pool), dtype=bool))
+        self.state = ControllerState(shown_mask=np.zeros(len(pool), dtype=bool))
         self.encoder: RidgeEncoder | None = None
         self.scorer: PoolScorer | None = None
         self._next_due: float | None = None
@@ -110,7 +110,7 @@ class Controller:
     def _run_trial(self, phase: str, block: int, condition: str, index: int,
                    predicted: float, predicted_sd: float, update: bool) -> TrialRecord:
         stimulus = Stimulus(self.pool.ids[index], self.pool.texts[index])
-        self.state.shown[index] = True
+        self.state.shown_mask[index] = True
         if self._next_due is None:
             # The first trial of a phase or block: its schedule starts now, one interval ahead.
             self._next_due = self.clock.now() + self._seconds(self.experiment.timing.iti_s)
@@ -190,7 +190,7 @@ class Controller:
         middle = layers[len(layers) // 2]
         standard = Standardizer.fit(self.pool_features[middle])
         diverse = select_diverse(standard.transform(self.pool_features[middle])[:, :-1],
-                                 ~self.state.shown, n_trials, self.rng)
+                                 ~self.state.shown_mask, n_trials, self.rng)
         for index in diverse:
             self._run_trial("calibration", 0, "calibration", int(index), float("nan"),
                             float("nan"), update=False)
@@ -234,7 +234,7 @@ class Controller:
         if self.experiment.allow_repeats:
             available = np.ones(len(self.pool), dtype=bool)
         else:
-            available = ~self.state.shown
+            available = ~self.state.shown_mask
         if condition == "baseline" or self.policy == "random":
             return int(select_random(available, 1, self.rng)[0])
         value, sd = objective_for(condition).evaluate(self.scorer.mean, self.scorer.sd)
@@ -267,7 +267,7 @@ class Controller:
         """Fresh drive, suppress and baseline sentences chosen by the final model, in mixed order."""
         n = self.experiment.evaluation.n_per_condition
         self._phase("evaluation", 3 * n)
-        available = ~self.state.shown
+        available = ~self.state.shown_mask
         if self.policy == "random":
             chosen = select_random(available, 3 * n, self.rng)
             plan = list(zip(["drive"] * n + ["suppress"] * n + ["baseline"] * n, chosen,

@@ -72,17 +72,17 @@ def run_offline(experiment: Experiment, simulator: SimulatorSettings, pool, pool
     ordered = np.sort(pool_truth)
     truth_by_condition = {}
     for condition in ("drive", "suppress", "baseline"):
-        shown = [truth_of[r.text] for r in state.trials
+        shown_truth = [truth_of[r.text] for r in state.trials
                  if r.phase == "evaluation" and r.condition == condition]
-        truth_by_condition[condition] = float(np.mean(shown))
+        truth_by_condition[condition] = float(np.mean(shown_truth))
 
     # Every drive (suppress) sentence shown after calibration, against the best (worst) as many.
     controlled = {}
     for condition in ("drive", "suppress"):
-        shown = [truth_of[r.text] for r in state.trials
+        shown_truth = [truth_of[r.text] for r in state.trials
                  if r.phase != "calibration" and r.condition == condition]
-        oracle = ordered[-len(shown):] if condition == "drive" else ordered[:len(shown)]
-        controlled[condition] = float(np.mean(shown) / oracle.mean()) if shown else float("nan")
+        oracle = ordered[-len(shown_truth):] if condition == "drive" else ordered[:len(shown_truth)]
+        controlled[condition] = float(np.mean(shown_truth) / oracle.mean()) if shown_truth else float("nan")
     return OfflineResult(
         policy, seed, truth_by_condition["drive"], truth_by_condition["suppress"],
         truth_by_condition["baseline"], truth_by_condition["drive"] / ordered[-n:].mean(),

@@ -2,9 +2,9 @@
 
 Runs in the controller process and in the in-process benchmarks. The penalty of every target is
 chosen over a log grid by exact leave-one-out through one SVD (the same identity scikit-learn's
-RidgeCV uses), and the fitted model is kept in its Bayesian form (posterior precision inverse ``P``
-and ``b = Z'y``), so that a new (stimulus, response) pair is a rank-one Sherman-Morrison update
-instead of a refit. Features are standardised by a scaler fitted on the candidate pool, because a
+RidgeCV uses). The fitted model is kept in its Bayesian form (posterior precision inverse ``P`` and
+``b = Z'y``), so a new (stimulus, response) pair is a rank-one Sherman-Morrison update instead of a
+refit. Features are standardised by a scaler fitted on the candidate pool, because a
 few hidden dimensions of Gemma are thousands of times larger than the rest.
 """
 

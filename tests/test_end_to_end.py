@@ -1,7 +1,7 @@
 """A short dry run over real LSL on loopback, checked trial by trial against the simulated subject.
 
-The simulated subject runs in its own process (spawn), streams 64 channels at 1000 Hz and logs the
-noise-free response it gave to every onset marker; the session file must agree with that log.
+The simulated subject runs in its own process (spawn) and streams 64 channels at 1000 Hz. It logs the
+noise-free response it gave to every onset marker, and the session file must agree with that log.
 """
 
 from __future__ import annotations

@@ -92,9 +92,9 @@ def test_cache_keyed_by_layer_and_pooling(gemma, tmp_path):
 
 
 def test_features_deterministic(gemma, tmp_path):
-    one = TextFeatureExtractor(gemma, [8], use_cache=False).extract(TEXTS)
-    two = TextFeatureExtractor(gemma, [8], use_cache=False).extract(TEXTS)
-    np.testing.assert_array_equal(one[8], two[8])
+    first = TextFeatureExtractor(gemma, [8], use_cache=False).extract(TEXTS)
+    second = TextFeatureExtractor(gemma, [8], use_cache=False).extract(TEXTS)
+    np.testing.assert_array_equal(first[8], second[8])
 
 
 def test_corrupt_cache_entry_named(gemma, tmp_path):

@@ -43,7 +43,7 @@ def test_unclosed_file_keeps_flushed_trials(tmp_path):
     recorder = SessionRecorder(path)
     for trial in range(5):
         recorder.add_trial(record(trial), np.zeros(2))
-    # Read a copy of the file as it is on disk while the writer still holds it open.
+    # Read a copy of the file as it is on disk while the writer still has it open.
     copy = tmp_path / "copy.h5"
     copy.write_bytes(path.read_bytes())
     with h5py.File(copy, "r") as file:
