@@ -71,6 +71,28 @@ def epoch_response(
     return response - baseline
 
 
+def light_onset_lag(light: np.ndarray, times: np.ndarray, onset: float, search_s: float,
+                    min_step: float) -> float:
+    """Return the delay from ``onset`` to the first sample of ``light`` above its midpoint level.
+
+    ``light`` is one photodiode channel ``(n_samples,)`` with sample ``times``. The midpoint lies
+    halfway between the lowest and highest values in [onset, onset + search_s). Returns NaN when
+    the channel does not rise by ``min_step`` there (no patch, or a covered photodiode), or when it
+    is already above the midpoint at the onset.
+    """
+    after = np.flatnonzero((times >= onset) & (times < onset + search_s))
+    if len(after) == 0:
+        return float("nan")
+    low, high = float(light[after].min()), float(light[after].max())
+    if high - low < min_step:
+        return float("nan")
+
+    lit = after[light[after] >= (low + high) / 2]
+    if lit[0] == after[0]:
+        return float("nan")
+    return float(times[lit[0]] - onset)
+
+
 class StreamBuffer:
     """The most recent samples of one stream, enough to epoch the trials still pending."""
 
@@ -98,3 +120,8 @@ class StreamBuffer:
     def response(self, onset: float, window: ResponseWindow) -> np.ndarray:
         """Epoch one trial from the buffered samples (see :func:`epoch_response`)."""
         return epoch_response(self._data, self._times, onset, window, self.sfreq)
+
+    def light_onset_lag(self, onset: float, channel: int, search_s: float,
+                        min_step: float) -> float:
+        """Measure the photodiode's delay after one onset (see :func:`light_onset_lag`)."""
+        return light_onset_lag(self._data[:, channel], self._times, onset, search_s, min_step)

@@ -15,14 +15,22 @@ import numpy as np
 from acquisition.epochs import ResponseWindow, StreamBuffer
 from acquisition.errors import StreamLostError
 
+# Smallest rise of a photodiode channel that counts as the patch lighting up, in the channel's
+# units. NOTE: fits the simulated photodiode (0 to 1); a real one needs a setting for its range.
+PHOTODIODE_MIN_STEP = 0.1
+
 
 class LSLResponses:
     """Per-trial responses epoched from an LSL data inlet."""
 
     def __init__(self, inlet, window: ResponseWindow, clock,
                  on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 stall_timeout_s: float = 2.0) -> None:
+                 stall_timeout_s: float = 2.0, photodiode_channel: int | None = None,
+                 photodiode_search_s: float = 0.2) -> None:
         self.inlet = inlet
+        self.photodiode_channel = photodiode_channel
+        # Display lags are physical times, so this window is not divided by the speed factor.
+        self.photodiode_search_s = photodiode_search_s
         self.window = window
         self.clock = clock
         self.on_chunk = on_chunk
@@ -60,6 +68,17 @@ class LSLResponses:
                 )
             self.clock.sleep_until(self.clock.now() + 0.005)
 
+    def display_lag(self, onset: float) -> float:
+        """Return the photodiode's delay after ``onset`` in seconds, NaN without a photodiode.
+
+        Call after :meth:`collect` for that onset, so that the buffer covers the search window.
+        """
+        if self.photodiode_channel is None:
+            return float("nan")
+        # A pulse from 0 to 1: a rise of a tenth of that is no pulse.
+        return self.buffer.light_onset_lag(onset, self.photodiode_channel,
+                                           self.photodiode_search_s, PHOTODIODE_MIN_STEP)
+
 
 class EpochedSimulator:
     """Responses drawn from the simulated subject's model without a stream (benchmarks only).
@@ -74,6 +93,9 @@ class EpochedSimulator:
         self.truth = truth
         self.rng = rng
         self.noise_sd = renderer.config.signal_sd / renderer.config.snr
+
+    def display_lag(self, onset: float) -> float:
+        return float("nan")
 
     def collect(self, onset: float, stimulus) -> np.ndarray:
         amplitudes = self.renderer.amplitudes(float(self.truth([stimulus.text])[0]))

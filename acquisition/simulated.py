@@ -46,13 +46,18 @@ class SimulatorConfig:
     surprisal_weight: float = 1.0
     surprisal_model: str = "embedded:smollm2-135m"
     seed: int = 7
+    photodiode_lag_s: float | None = None
     speed: float = 1.0
     marker_timeout_s: float = 120.0
 
 
-def channel_names(n_channels: int) -> list[str]:
-    """Return the simulated amplifier's channel labels, ECOG001 onwards."""
-    return [f"ECOG{index + 1:03d}" for index in range(n_channels)]
+PHOTODIODE_CHANNEL = "PHOTO"
+
+
+def channel_names(n_channels: int, photodiode: bool = False) -> list[str]:
+    """Return the simulated amplifier's channel labels, ECOG001 onwards, then PHOTO if asked."""
+    names = [f"ECOG{index + 1:03d}" for index in range(n_channels)]
+    return [*names, PHOTODIODE_CHANNEL] if photodiode else names
 
 
 class EcogRenderer:
@@ -73,6 +78,9 @@ class EcogRenderer:
         self.gains[list(config.target_channels)] = rng.uniform(0.8, 1.2, len(config.target_channels))
         self._noise_rng = np.random.default_rng([config.seed, 1])
         self._responses: list[tuple[float, np.ndarray]] = []
+        # (start, end) of each photodiode pulse: the stimulus as the display lag delays it.
+        self._light: list[tuple[float, float]] = []
+        self.n_output_channels = config.n_channels + (config.photodiode_lag_s is not None)
         self._ramp_s = min(0.05 / speed, self.duration_s / 4)
         samples = np.arange(n_window) / config.sfreq
         self._shape_scale = 1.0 / float(np.mean(self._shape(samples)))
@@ -87,17 +95,24 @@ class EcogRenderer:
         level = self.config.mean_level + self.config.signal_sd * truth_z
         return self.gains * level
 
-    def add_onset(self, onset: float, truth_z: float) -> np.ndarray:
+    def add_onset(self, onset: float, truth_z: float, duration_s: float = 0.1) -> np.ndarray:
+        """Schedule the response to an onset, and the photodiode pulse of ``duration_s``."""
         amplitudes = self.amplitudes(truth_z)
         self._responses.append((onset, amplitudes))
+        if self.config.photodiode_lag_s is not None:
+            start = onset + self.config.photodiode_lag_s
+            self._light.append((start, start + duration_s))
         return amplitudes
 
     def render(self, times: np.ndarray) -> np.ndarray:
-        """Return ``(n_samples, n_channels)`` float32 data at sample ``times``."""
+        """Return ``(n_samples, n_output_channels)`` float32 data at sample ``times``.
+
+        The photodiode channel, when there is one, is last: 1 while a stimulus is lit, else 0.
+        """
         data = self._noise_rng.normal(0.0, self.sample_noise_sd,
                                       (len(times), self.config.n_channels))
         if len(times) == 0:
-            return data.astype(np.float32)
+            return np.empty((0, self.n_output_channels), np.float32)
         for onset, amplitudes in self._responses:
             start = onset + self.latency_s
             inside = (times >= start) & (times < start + self.duration_s)
@@ -107,7 +122,14 @@ class EcogRenderer:
                 data[inside] += np.outer(shape, amplitudes)
         horizon = times[-1] - self.latency_s - self.duration_s
         self._responses = [item for item in self._responses if item[0] > horizon]
-        return data.astype(np.float32)
+        if self.config.photodiode_lag_s is None:
+            return data.astype(np.float32)
+
+        light = np.zeros((len(times), 1))
+        for start, end in self._light:
+            light[(times >= start) & (times < end)] = 1.0
+        self._light = [(start, end) for start, end in self._light if end > times[-1]]
+        return np.hstack([data, light]).astype(np.float32)
 
 
 def truth_file(log_file: str | Path) -> Path:
@@ -148,17 +170,18 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
     marker_inlet.open_stream(timeout=config.marker_timeout_s)
     marker_inlet.time_correction(timeout=config.marker_timeout_s)
 
-    info = pylsl.StreamInfo(config.data_stream, "ECoG", config.n_channels, config.sfreq,
+    names = channel_names(config.n_channels, config.photodiode_lag_s is not None)
+    info = pylsl.StreamInfo(config.data_stream, "ECoG", len(names), config.sfreq,
                             pylsl.cf_float32, config.source_id)
     channels = info.desc().append_child("channels")
-    for name in channel_names(config.n_channels):
+    for name in names:
         channel = channels.append_child("channel")
         channel.append_child_value("label", name)
         channel.append_child_value("unit", "a.u.")
-        channel.append_child_value("type", "HGA")
+        channel.append_child_value("type", "photodiode" if name == PHOTODIODE_CHANNEL else "HGA")
     info.desc().append_child_value("simulator", json.dumps(asdict(config)))
     outlet = pylsl.StreamOutlet(info, chunk_size=0, max_buffered=60)
-    logger.info("Streaming %d channels at %g Hz as %r.", config.n_channels, config.sfreq,
+    logger.info("Streaming %d channels at %g Hz as %r.", len(names), config.sfreq,
                 config.data_stream)
     if ready is not None:
         ready.set()
@@ -176,7 +199,7 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
                     ended = True
                 elif event["type"] == "onset":
                     value = float(truth([event["text"]])[0])
-                    amplitudes = renderer.add_onset(stamp, value)
+                    amplitudes = renderer.add_onset(stamp, value, event.get("duration_s", 0.1))
                     log.write(json.dumps({
                         "trial": event.get("trial"), "onset": stamp, "text": event["text"],
                         "truth": value,

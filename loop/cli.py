@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from acquisition.errors import StreamLostError, StreamNotFoundError
     from loop.errors import ConfigError, DeadlineMissedError, SessionAbortedError
+    from loop.text_checks import TextCheckError
     from synth.errors import CacheCorruptError, ModelNotFoundError
     from synth.generation import PoolGenerationError
     from synth.pool import PoolFileError
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ConfigError, ModelNotFoundError, CacheCorruptError, PoolFileError,
             StreamNotFoundError, StreamLostError, DeadlineMissedError, SessionAbortedError,
-            PoolGenerationError, FileExistsError) as err:
+            PoolGenerationError, TextCheckError, FileExistsError) as err:
         notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
         print(f"neurosteer: {err}{notes}", file=sys.stderr)
         return 2

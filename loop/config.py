@@ -126,6 +126,59 @@ class TimingSettings(Settings):
     max_late_onsets: Annotated[int, Field(ge=1)] = 10
     """Late onsets (over 20 ms after their due time) allowed before the session stops with an error."""
 
+    max_fallbacks: Annotated[int, Field(ge=0)] = 5
+    """Fallback stimuli (shown when a choice came too late) allowed before the session stops with an error."""
+
+
+class PresentationSettings(Settings):
+    mode: Literal["sentence", "rsvp"] = "sentence"
+    """`sentence` shows the whole sentence at once; `rsvp` shows it word by word."""
+
+    word_duration_s: PositiveFloat = 0.3
+    """How long each word stays on screen in `rsvp` mode, in seconds."""
+
+    font: str = "Noto Sans"
+    """Font family. `Noto Sans` and the other fonts PsychoPy ships work on every OS."""
+
+    font_file: str | None = None
+    """Font file (.ttf or .otf) relative to this file; needed on Windows and macOS for other fonts."""
+
+    text_height_deg: PositiveFloat = 1.0
+    """Letter height, in degrees of visual angle."""
+
+    wrap_width_deg: PositiveFloat = 30.0
+    """Width at which text wraps, in degrees of visual angle."""
+
+    text_color: str = "white"
+    """Text colour (a PsychoPy colour name)."""
+
+    max_lines: Annotated[int, Field(ge=1)] | None = 3
+    """Lines a sentence may take; longer sentences are rejected before the run."""
+
+    image_size_deg: PositiveFloat = 8.0
+    """Length of an image's longer side, in degrees of visual angle."""
+
+    fixation: str = "+"
+    """Text shown between stimuli."""
+
+    instructions: str = ""
+    """Text shown before the first trial; empty for none."""
+
+    instructions_duration_s: NonNegativeFloat = 0.0
+    """How long the instructions stay on screen, in seconds."""
+
+    rest: str = ""
+    """Text shown between phases and closed-loop blocks, while the model is refitted."""
+
+    rest_duration_s: NonNegativeFloat = 0.0
+    """Shortest break between phases and blocks, in seconds."""
+
+    @model_validator(mode="after")
+    def _messages_have_durations(self) -> PresentationSettings:
+        if self.instructions and self.instructions_duration_s == 0:
+            raise ValueError("instructions need an instructions_duration_s above 0")
+        return self
+
 
 class CalibrationSettings(Settings):
     n_trials: Annotated[int, Field(ge=10)] = 150
@@ -161,6 +214,7 @@ class Experiment(Settings):
     calibration: CalibrationSettings = CalibrationSettings()
     closed_loop: ClosedLoopSettings = ClosedLoopSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    presentation: PresentationSettings = PresentationSettings()
     allow_repeats: bool = False
     """Let the closed loop show a sentence again; evaluation sentences are always new."""
 
@@ -172,6 +226,15 @@ class Experiment(Settings):
                 f"response.tmax_s ({self.response.tmax_s} s) must end before the next onset "
                 f"(shortest onset interval {soa:g} s)"
             )
+        presentation = self.presentation
+        if presentation.mode == "rsvp" and self.pool.n_words is not None:
+            needed = self.pool.n_words * presentation.word_duration_s
+            if needed > self.timing.stimulus_duration_s:
+                raise ValueError(
+                    f"in rsvp mode {self.pool.n_words} words of {presentation.word_duration_s:g} s "
+                    f"need {needed:g} s, longer than timing.stimulus_duration_s "
+                    f"({self.timing.stimulus_duration_s:g} s)"
+                )
         return self
 
 
@@ -192,36 +255,79 @@ class LSLSettings(Settings):
     """How long to wait for the data stream at start, in seconds."""
 
 
-class DisplaySettings(Settings):
-    size_pix: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] = (1280, 1024)
-    """Window size in pixels [width, height]."""
+class PhotodiodeSettings(Settings):
+    corner: Literal["top_left", "top_right", "bottom_left", "bottom_right"] = "bottom_left"
+    """Screen corner of the patch, which is white while a stimulus is shown and black otherwise."""
 
-    fullscreen: bool = False
-    """Open the window full screen."""
+    size_pix: Annotated[int, Field(gt=0)] = 60
+    """Side of the square patch, in pixels."""
+
+    channel: str | None = None
+    """Channel of the data stream that records the photodiode; the display lag is measured from it."""
+
+
+class DisplaySettings(Settings):
+    monitor_name: str | None = None
+    """A monitor saved in PsychoPy's Monitor Center; the keys below may be left out, or must agree with it."""
+
+    size_pix: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = None
+    """Screen resolution in pixels [width, height]; the window must open at exactly this size."""
+
+    monitor_width_cm: PositiveFloat | None = None
+    """Visible width of the screen, in cm."""
+
+    monitor_height_cm: PositiveFloat | None = None
+    """Visible height of the screen, in cm; when given, the pixels must come out square."""
+
+    viewing_distance_cm: PositiveFloat | None = None
+    """Distance from the eyes to the screen, in cm."""
+
+    refresh_rate_hz: PositiveFloat | None = None
+    """Expected refresh rate; the measured rate must be within 5% of it. Leave out to skip the check."""
 
     screen: Annotated[int, Field(ge=0)] = 0
     """Index of the screen the window opens on."""
 
+    fullscreen: bool = False
+    """Open the window full screen."""
+
     background_color: str = "black"
     """Background colour (a PsychoPy colour name)."""
 
-    text_color: str = "white"
-    """Text colour (a PsychoPy colour name)."""
+    units: Literal["deg", "degFlat", "degFlatPos", "cm", "pix", "height", "norm"] = "deg"
+    """Default units of the window; the experiment's stimulus sizes are in degrees whatever this is."""
 
-    monitor_width_cm: PositiveFloat = 53.0
-    """Visible width of the monitor, in cm."""
+    photodiode: PhotodiodeSettings | None = None
+    """A patch for a photodiode in a screen corner; leave out for none."""
 
-    viewing_distance_cm: PositiveFloat = 60.0
-    """Distance from the eyes to the screen, in cm."""
+    pause_key: str = "p"
+    """Key that pauses the run after the current trial, and resumes it."""
 
-    font: str = "Arial"
-    """Font of the sentences."""
+    end_key: str = "escape"
+    """Key that ends the run; completed trials are kept."""
 
-    text_height: PositiveFloat = 0.05
-    """Letter height, in units of the window height."""
-
-    wrap_width: PositiveFloat = 1.2
-    """Width at which text wraps, in units of the window height."""
+    @model_validator(mode="after")
+    def _monitor_described(self) -> DisplaySettings:
+        if self.monitor_name is None:
+            missing = [name for name in ("size_pix", "monitor_width_cm", "viewing_distance_cm")
+                       if getattr(self, name) is None]
+            if missing:
+                raise ValueError(
+                    f"the monitor is not described: set {', '.join(missing)}, or monitor_name to a "
+                    "monitor saved in PsychoPy's Monitor Center (visual angles depend on them)"
+                )
+        if self.size_pix and self.monitor_width_cm and self.monitor_height_cm:
+            width_cm_per_pix = self.monitor_width_cm / self.size_pix[0]
+            height_cm_per_pix = self.monitor_height_cm / self.size_pix[1]
+            if abs(width_cm_per_pix / height_cm_per_pix - 1) > 0.05:
+                raise ValueError(
+                    f"size_pix {list(self.size_pix)} and the screen size {self.monitor_width_cm:g} x "
+                    f"{self.monitor_height_cm:g} cm give pixels that are not square "
+                    f"({width_cm_per_pix * 10:.3f} x {height_cm_per_pix * 10:.3f} mm); check both"
+                )
+        if self.pause_key == self.end_key:
+            raise ValueError(f"pause_key and end_key are both {self.pause_key!r}")
+        return self
 
 
 class SimulatorSettings(Settings):
@@ -263,6 +369,9 @@ class SimulatorSettings(Settings):
     surprisal_model: str = "embedded:smollm2-135m"
     """Language model that computes the surprisal term."""
 
+    photodiode_lag_s: NonNegativeFloat | None = None
+    """Add a photodiode channel `PHOTO` that lights up this long after each onset; leave out for none."""
+
     seed: int = 7
     """Seed of the readout, the channel gains and the noise."""
 
@@ -295,7 +404,9 @@ class RigInfo(Settings):
 class Rig(Settings):
     rig: RigInfo
     lsl: LSLSettings = LSLSettings()
-    display: DisplaySettings = DisplaySettings()
+    display: DisplaySettings | None = None
+    """The stimulus screen; needed to run with a window."""
+
     simulator: SimulatorSettings | None = None
 
     @model_validator(mode="after")
@@ -350,6 +461,9 @@ def load_experiment(path: Path | str) -> Experiment:
     pool_file = resolve_data_path(experiment.pool.file, path.parent)
     if not pool_file.is_file():
         raise ConfigError(f"{path}: pool.file: file {pool_file} not found.")
+    font_file = experiment.presentation.font_file
+    if font_file is not None and not resolve_data_path(font_file, path.parent).is_file():
+        raise ConfigError(f"{path}: presentation.font_file: file {font_file} not found.")
     return experiment
 
 

@@ -49,6 +49,7 @@ class ControllerState:
     layer_cv_r: dict[int, float] = field(default_factory=dict)
     trials: list[TrialRecord] = field(default_factory=list)
     n_late_onsets: int = 0
+    n_fallbacks: int = 0
 
 
 class Controller:
@@ -93,7 +94,14 @@ class Controller:
         self.encoder: RidgeEncoder | None = None
         self.scorer: PoolScorer | None = None
         self._next_due: float | None = None
+        self._rest_until = -np.inf
         self._trial_index = 0
+        # Fallback stimuli come from their own stream of random numbers, so that announcing them
+        # does not change the controller's choices.
+        self._fallback_rng = rng.spawn(1)[0]
+        self._fallback_index: int | None = None
+        # Stimuli a phase has planned to show (calibration, evaluation): never used as fallbacks.
+        self._planned = np.zeros(len(pool), dtype=bool)
 
     # Timing
 
@@ -105,30 +113,61 @@ class Controller:
         jitter = self.rng.uniform(-timing.iti_jitter_s, timing.iti_jitter_s)
         self._next_due = onset + self._seconds(timing.stimulus_duration_s + timing.iti_s + jitter)
 
+    def _show_message(self, text: str, duration_s: float) -> None:
+        """Show ``text`` for ``duration_s`` (before the speed factor); the next run starts after it."""
+        if not text:
+            return
+        duration_s = self._seconds(duration_s)
+        self.presenter.show_message(text, duration_s)
+        self._rest_until = self.clock.now() + duration_s
+
     # One trial
 
     def _run_trial(self, phase: str, block: int, condition: str, index: int,
-                   predicted: float, predicted_sd: float, update: bool) -> TrialRecord:
+                   predicted: float, predicted_sd: float, update: bool,
+                   next_in_run: bool) -> TrialRecord:
+        """Present one stimulus, record its response and update the model.
+
+        ``next_in_run`` is True when another trial follows on the same schedule, so its slot is
+        announced with a fallback stimulus in case the next choice comes late.
+        """
+        self._record_frame_reports()
         stimulus = Stimulus(self.pool.ids[index], self.pool.texts[index])
+        was_shown = bool(self.state.shown_mask[index])
         self.state.shown_mask[index] = True
+        self._planned[index] = False
         if self._next_due is None:
-            # The first trial of a phase or block: its schedule starts now, one interval ahead.
-            self._next_due = self.clock.now() + self._seconds(self.experiment.timing.iti_s)
+            # The first trial of a phase or block: its schedule starts one interval from now, or
+            # from the end of the message on screen.
+            start = max(self.clock.now(), self._rest_until)
+            self._next_due = start + self._seconds(self.experiment.timing.iti_s)
         due = self._next_due
-        onset = self.presenter.present(self._trial_index, condition, stimulus, due,
-                                       self._seconds(self.experiment.timing.stimulus_duration_s))
+        duration_s = self._seconds(self.experiment.timing.stimulus_duration_s)
+        handover = self.clock.now()
+        onset = self.presenter.present(self._trial_index, condition, stimulus, due, duration_s)
+        if onset.fallback:
+            # The loop showed the announced fallback in this slot; the choice stays available.
+            self.state.shown_mask[index] = was_shown
+            index, condition, stimulus = self._fallback_index, onset.condition, onset.stimulus
+            self.state.shown_mask[index] = True
+            predicted, predicted_sd = self._prediction(index)
         if self.recorder is not None:
             self.recorder.add_marker(onset.time, onset.marker)
         if onset.late_s > LATE_ONSET_S:
             self._late_onset(onset)
+        if onset.fallback:
+            self._fallback_shown(onset, handover - due)
         self._advance_due(onset.time)
+        if next_in_run:
+            self._announce_next_slot(duration_s)
 
         channels = self.responses.collect(onset.time, stimulus)
         observed = float(np.mean(channels[self.target_indices]))
         record = TrialRecord(
             trial=self._trial_index, phase=phase, block=block, condition=condition,
             stimulus_id=stimulus.stimulus_id, text=stimulus.text, due=due, onset=onset.time,
-            late_s=onset.late_s, n_dropped_frames=onset.n_dropped_frames, predicted=predicted,
+            late_s=onset.late_s, late=onset.late_s > LATE_ONSET_S, fallback=onset.fallback,
+            display_lag_s=self.responses.display_lag(onset.time), predicted=predicted,
             predicted_sd=predicted_sd, observed=observed, epoch_ok=True, marker=onset.marker,
         )
         self.state.trials.append(record)
@@ -147,6 +186,22 @@ class Controller:
             self._record_update("online")
         return record
 
+    def _announce_next_slot(self, duration_s: float) -> None:
+        if self.experiment.allow_repeats:
+            available = ~self._planned
+        else:
+            available = ~self.state.shown_mask & ~self._planned
+        self._fallback_index = int(select_random(available, 1, self._fallback_rng)[0])
+        fallback = Stimulus(self.pool.ids[self._fallback_index],
+                            self.pool.texts[self._fallback_index])
+        self.presenter.expect(self._trial_index + 1, self._next_due, duration_s, fallback)
+
+    def _record_frame_reports(self) -> None:
+        reports = self.presenter.take_reports()
+        if self.recorder is not None:
+            for report in reports:
+                self.recorder.add_frame_report(report)
+
     def _late_onset(self, onset) -> None:
         self.state.n_late_onsets += 1
         message = f"trial {self._trial_index} started {onset.late_s:.3f} s after its due time"
@@ -159,6 +214,23 @@ class Controller:
                 f"{LATE_ONSET_S * 1000:.0f} ms (limit {limit}; the last one {message}). The "
                 "machine cannot keep this schedule: lengthen timing.iti_s, lower --speed, or "
                 "close other programs."
+            )
+
+    def _fallback_shown(self, onset, handover_s: float) -> None:
+        """Count a fallback; ``handover_s`` is when the choice was handed over, from its due time."""
+        self.state.n_fallbacks += 1
+        message = (f"trial {self._trial_index}: the chosen stimulus was handed over "
+                   f"{handover_s:+.3f} s from its due time, too late, so the fallback "
+                   f"{onset.stimulus.stimulus_id!r} was shown")
+        if self.recorder is not None:
+            self.recorder.add_fault(onset.time, "fallback", message)
+        limit = self.experiment.timing.max_fallbacks
+        if self.state.n_fallbacks > limit:
+            raise DeadlineMissedError(
+                f"{self.state.n_fallbacks} choices came too late and were replaced by fallback "
+                f"stimuli (limit {limit}; the last one at {message}). Selection takes longer "
+                "than the interval between trials: lengthen timing.iti_s, lower --speed, or use "
+                "a smaller pool."
             )
 
     def _prediction(self, index: int) -> tuple[float, float]:
@@ -181,7 +253,6 @@ class Controller:
         self._next_due = None
         if self.on_phase is not None:
             self.on_phase(name, n_trials)
-        self.presenter.show_message(name)
 
     def calibrate(self, n_trials: int) -> None:
         """Present diverse pool sentences, then choose the layer and fit the encoding model."""
@@ -191,9 +262,11 @@ class Controller:
         standard = Standardizer.fit(self.pool_features[middle])
         diverse = select_diverse(standard.transform(self.pool_features[middle])[:, :-1],
                                  ~self.state.shown_mask, n_trials, self.rng)
-        for index in diverse:
+        self._planned[diverse] = True
+        for position, index in enumerate(diverse):
             self._run_trial("calibration", 0, "calibration", int(index), float("nan"),
-                            float("nan"), update=False)
+                            float("nan"), update=False, next_in_run=position < len(diverse) - 1)
+        self._rest()
         self.fit(choose_layer=True)
 
     def fit(self, choose_layer: bool = False) -> None:
@@ -253,13 +326,15 @@ class Controller:
         self._phase("closed_loop", settings.n_blocks * len(conditions))
         for block in range(1, settings.n_blocks + 1):
             order = self.rng.permutation(conditions)
-            for condition in order:
+            for position, condition in enumerate(order):
                 index = self._choose(str(condition), self.experiment.encoding.exploration)
                 predicted, predicted_sd = self._prediction(index)
                 self._run_trial("closed_loop", block, str(condition), index, predicted,
-                                predicted_sd, update=learning)
+                                predicted_sd, update=learning,
+                                next_in_run=position < len(order) - 1)
+            self._rest()
             if learning:
-                # The refit runs in the pause between blocks; the next block starts after it.
+                # The refit runs during the rest between blocks; the next block starts after both.
                 self.fit(choose_layer=self.reselect_layer)
             self._next_due = None
 
@@ -283,11 +358,17 @@ class Controller:
             baseline = select_random(available, n, self.rng)
             plan = ([("drive", i) for i in drive] + [("suppress", i) for i in suppress]
                     + [("baseline", i) for i in baseline])
-        for position in self.rng.permutation(len(plan)):
+        self._planned[[int(index) for _, index in plan]] = True
+        order = self.rng.permutation(len(plan))
+        for count, position in enumerate(order):
             condition, index = plan[position]
             predicted, predicted_sd = self._prediction(int(index))
             self._run_trial("evaluation", 0, condition, int(index), predicted, predicted_sd,
-                            update=False)
+                            update=False, next_in_run=count < len(order) - 1)
+
+    def _rest(self) -> None:
+        presentation = self.experiment.presentation
+        self._show_message(presentation.rest, presentation.rest_duration_s)
 
     def run(self) -> ControllerState:
         """Run calibration, the closed loop and evaluation, as the policy prescribes."""
@@ -299,6 +380,8 @@ class Controller:
 
     def _run(self) -> ControllerState:
         self.presenter.open()
+        presentation = self.experiment.presentation
+        self._show_message(presentation.instructions, presentation.instructions_duration_s)
         calibration = self.experiment.calibration.n_trials
         if self.policy == "calibration_only":
             loop = self.experiment.closed_loop
@@ -308,4 +391,5 @@ class Controller:
             self.calibrate(calibration)
             self.closed_loop()
         self.evaluate()
+        self._record_frame_reports()
         return self.state

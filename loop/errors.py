@@ -11,3 +11,7 @@ class DeadlineMissedError(RuntimeError):
 
 class SessionAbortedError(RuntimeError):
     """A session stopped before its schedule ended; the trials recorded so far are kept."""
+
+
+class RunEndedError(SessionAbortedError):
+    """The operator ended the run (the end key or Ctrl+C), or the display stopped."""

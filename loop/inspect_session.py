@@ -27,8 +27,9 @@ def inspect_session(path: Path) -> str:
     lines = [f"Session file: {path}"]
     with h5py.File(path, "r") as file:
         attrs = dict(file.attrs)
-        for key in ("status", "kind", "started", "seed", "speed", "model_identity",
-                    "chosen_layer", "experiment_file", "rig_file"):
+        for key in ("status", "kind", "display", "started", "seed", "speed", "model_identity",
+                    "chosen_layer", "experiment_file", "rig_file", "n_fallbacks",
+                    "display_lag_median_s"):
             if key in attrs:
                 lines.append(f"  {key}: {attrs[key]}")
         if "versions" in attrs:

@@ -23,7 +23,12 @@ TEXT = h5py.string_dtype("utf-8")
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One row of the trial table."""
+    """One row of the trial table.
+
+    ``late`` marks an onset more than 20 ms after its due time, ``fallback`` a trial that showed
+    the fallback stimulus because the choice came too late, and ``display_lag_s`` the photodiode's
+    delay after the onset (NaN without a photodiode channel).
+    """
 
     trial: int
     phase: str
@@ -34,7 +39,9 @@ class TrialRecord:
     due: float
     onset: float
     late_s: float
-    n_dropped_frames: int
+    late: bool
+    fallback: bool
+    display_lag_s: float
     predicted: float
     predicted_sd: float
     observed: float
@@ -96,6 +103,7 @@ class SessionRecorder:
         self._faults = Table(self.file.create_group("faults"))
         self._markers = Table(self.file.create_group("markers"))
         self._layers = Table(self.file.create_group("model/layer_selection"))
+        self._frames = Table(self.file.create_group("display/frames"))
         self._streams: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
 
     def write_metadata(self, experiment_text: str, rig_text: str, metadata: dict) -> None:
@@ -154,6 +162,11 @@ class SessionRecorder:
         row["observed_channels"] = np.asarray(observed_channels, dtype=np.float64)
         self._trials.append(row)
         self.file.flush()
+
+    def add_frame_report(self, report) -> None:
+        """Append one stimulus's offset and dropped frames (a :class:`FrameReport`)."""
+        self._frames.append({"trial": report.trial, "offset": report.offset,
+                             "n_dropped_frames": report.n_dropped_frames})
 
     def add_model_update(self, trial: int, kind: str, n_samples: int, alphas: np.ndarray,
                          cv_r: np.ndarray, noise_var: np.ndarray, weights: np.ndarray) -> None:

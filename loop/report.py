@@ -77,6 +77,10 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
         for name in ("experiment", "rig"):
             key = f"config/{name}"
             facts[f"{name}_text"] = file[key][()].decode("utf-8") if key in file else ""
+        facts["n_dropped_frames"] = (int(file["display/frames/n_dropped_frames"][()].sum())
+                                     if "display/frames/n_dropped_frames" in file else 0)
+        facts["n_late_onsets"] = int(np.sum(trials["late"])) if "late" in trials else 0
+        facts["n_pauses"] = file["display/pauses"].shape[0] if "display/pauses" in file else 0
         facts["faults"] = []
         if "faults/kind" in file:
             facts["faults"] = list(zip(_text_column(file["faults/kind"]),
@@ -220,7 +224,13 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
              f"- status: {facts.get('status')}; trials: {facts['n_trials']}; "
              f"faults: {len(facts['faults'])}",
              f"- model: {facts.get('model_identity')}; chosen layer: {facts.get('chosen_layer')}",
-             f"- seed: {facts.get('seed')}; speed factor: {facts.get('speed')}"]
+             f"- seed: {facts.get('seed')}; speed factor: {facts.get('speed')}",
+             f"- display: {facts.get('display', 'headless')}; onsets more than 20 ms late: "
+             f"{facts['n_late_onsets']}; fallback stimuli: {facts.get('n_fallbacks', 0)}; "
+             f"dropped frames: {facts['n_dropped_frames']}; operator pauses: {facts['n_pauses']}"]
+    if "display_lag_median_s" in facts:
+        lines.append(f"- display lag (photodiode, median over {facts['display_lag_n_trials']} "
+                     f"trials): {facts['display_lag_median_s'] * 1000:.1f} ms")
     for n_samples, chosen, cv_r in facts["layer_selections"]:
         scores = ", ".join(f"layer {k}: {v:.3f}" for k, v in cv_r.items())
         lines.append(f"- leave-one-out r by layer after {n_samples} trials: {scores}; "

@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +28,7 @@ from loop.config import (
     lsl_config_path,
     resolve_data_path,
 )
-from loop.errors import ConfigError, SessionAbortedError
+from loop.errors import ConfigError, RunEndedError, SessionAbortedError
 from loop.recording import TEXT
 
 logger = logging.getLogger(__name__)
@@ -161,8 +162,10 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
                 progress=None) -> Path:
     """Run one session end to end and return the path of its session file.
 
-    Everything that can fail before the first trial (files, model, pool, streams) is checked
-    before the session file is created, so a session that cannot start leaves no file behind.
+    Everything that can fail before the first trial (files, model, pool, streams, the window and
+    the sentences' fit on it) is checked before the session file is created, so a session that
+    cannot start leaves no file behind. The controller runs in a worker thread while this thread
+    runs the presentation loop, which PsychoPy needs in the main thread.
     """
     from acquisition.epochs import ResponseWindow
     from acquisition.lsl import DataInlet, MarkerOutlet, configure_lsl
@@ -170,7 +173,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     from acquisition.simulated import SimulatorProcess
     from loop.clock import LSLClock
     from loop.controller import Controller
-    from loop.presentation import HeadlessPresenter
+    from loop.presentation_loop import PresentationLoop
     from loop.recording import SessionRecorder
     from synth.errors import ModelNotFoundError
     from synth.models import resolve_model_path
@@ -179,6 +182,9 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     experiment = load_experiment(experiment_path)
     rig = load_rig(rig_path)
     seed = experiment.experiment.seed if options.seed is None else options.seed
+    if options.display and rig.display is None:
+        raise ConfigError(f"{rig_path}: display: a run with a window needs a [display] table "
+                          "describing the screen; see docs/experiment_format.md.")
     if rig.simulator is not None:
         _check_simulated_channels(experiment, experiment_path, rig)
     model_name = resolve_model_name(experiment.model.name, experiment_path.parent)
@@ -191,7 +197,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     configure_lsl(lsl_config_path(rig, rig_path))
 
     path = session_path(options.output_dir, experiment.experiment.name)
-    recorder = simulator = inlet = outlet = presenter = None
+    recorder = simulator = inlet = outlet = screen = None
     status = "aborted"
     try:
         pool_file = resolve_data_path(experiment.pool.file, experiment_path.parent)
@@ -212,12 +218,18 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         inlet = DataInlet(rig.lsl.data_stream, rig.lsl.resolve_timeout_s)
         description = inlet.description
         targets = _target_indices(experiment, experiment_path, description)
+        photodiode_channel = _photodiode_index(rig, rig_path, description)
+
+        # The display, and every sentence checked against it, before the session file exists.
+        clock = LSLClock()
+        screen = _open_screen(experiment, experiment_path, rig, rig_path, clock, options, pool)
 
         recorder = SessionRecorder(path)
         recorder.write_metadata(
             experiment_path.read_text(encoding="utf-8"), rig_path.read_text(encoding="utf-8"),
             {"experiment_file": str(experiment_path), "rig_file": str(rig_path), "seed": seed,
              "speed": options.speed, "kind": "dry_run" if rig.simulator else "live",
+             "display": "psychopy" if options.display else "headless",
              "started": dt.datetime.now().isoformat(timespec="seconds"),
              "model_identity": model_identity, "versions": package_versions()},
         )
@@ -227,28 +239,39 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
 
         response = experiment.response
         window = ResponseWindow(response.tmin_s, response.tmax_s, *response.baseline_s)
-        clock = LSLClock()
         responses = LSLResponses(
             inlet, window.scaled(options.speed), clock,
             on_chunk=lambda data, times: recorder.add_chunk(description.name, data, times),
+            photodiode_channel=photodiode_channel,
         )
-        if options.display:
-            presenter = _psychopy_presenter(rig, clock, outlet)
-        else:
-            presenter = HeadlessPresenter(clock, outlet)
-
+        loop = PresentationLoop(screen, clock, outlet, _operator_keys(rig), options.speed)
+        presenter = loop.presenter()
         controller = Controller(
             experiment, pool, features, targets, presenter, responses, clock,
             np.random.default_rng(seed), recorder=recorder, speed=options.speed,
             on_trial=progress.trial if progress is not None else None,
             on_phase=progress.phase if progress is not None else None,
         )
-        state = controller.run()
-        recorder.file.attrs["chosen_layer"] = state.layer
+        worker = ControllerThread(controller, presenter)
+        worker.start()
+        try:
+            loop.run(worker)
+        finally:
+            worker.join_or_warn()
+            _record_display_summary(recorder, loop.summary, presenter)
+        if worker.error is not None:
+            raise worker.error
+
+        recorder.file.attrs["chosen_layer"] = controller.state.layer
         for key, value in controller.encoder.to_arrays().items():
             recorder.write_array(f"model/final_state/{key}", value)
         status = "complete"
         return path
+    except RunEndedError as err:
+        status = "ended_by_operator"
+        raise SessionAbortedError(
+            f"{err} The {recorder.n_trials} completed trials are kept in {path}."
+        ) from err
     except KeyboardInterrupt as err:
         n_trials = recorder.n_trials if recorder is not None else 0
         raise SessionAbortedError(
@@ -260,30 +283,136 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
                          f"in {path}.")
         raise
     finally:
-        _close(recorder, status, presenter, inlet, outlet, simulator, path)
+        _close(recorder, status, screen, inlet, outlet, simulator, path)
 
 
-def _psychopy_presenter(rig: Rig, clock, outlet):
-    from loop.psychopy_presenter import PsychoPyPresenter, TextSettings, WindowSettings
+class ControllerThread(threading.Thread):
+    """Runs the controller beside the presentation loop and keeps any error for the main thread."""
 
-    display = rig.display
-    window = WindowSettings(
-        size_pix=display.size_pix, fullscreen=display.fullscreen, screen=display.screen,
-        background_color=display.background_color, units="height",
-        monitor_width_cm=display.monitor_width_cm,
-        monitor_distance_cm=display.viewing_distance_cm,
+    # Maximum wait for the controller to notice that the loop stopped. A response collection that
+    # waits for a stalled stream gives up after 2 s, and the next hand-over then fails at once.
+    JOIN_TIMEOUT_S = 30.0
+
+    def __init__(self, controller, presenter) -> None:
+        super().__init__(name="neurosteer-controller", daemon=True)
+        self.controller = controller
+        self.presenter = presenter
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.controller.run()
+        except BaseException as err:  # handed to the main thread, which raises it again
+            self.error = err
+        finally:
+            self.presenter.stop()
+
+    def join_or_warn(self) -> None:
+        self.join(self.JOIN_TIMEOUT_S)
+        if self.is_alive():
+            logger.error("The controller thread did not stop within %.0f s of the presentation "
+                         "loop; the session file is closed without it.", self.JOIN_TIMEOUT_S)
+
+
+def _photodiode_index(rig: Rig, rig_path: Path, description) -> int | None:
+    photodiode = rig.display.photodiode if rig.display is not None else None
+    if photodiode is None or photodiode.channel is None:
+        return None
+    names = list(description.channel_names)
+    if photodiode.channel not in names:
+        raise ConfigError(f"{rig_path}: display.photodiode.channel: {photodiode.channel!r} is not "
+                          f"a channel of stream {description.name!r} ({', '.join(names[:4])}, ...).")
+    return names.index(photodiode.channel)
+
+
+def _operator_keys(rig: Rig):
+    from loop.presentation_loop import OperatorKeys
+
+    if rig.display is None:
+        return OperatorKeys()
+    return OperatorKeys(pause=rig.display.pause_key, end=rig.display.end_key)
+
+
+def _open_screen(experiment: Experiment, experiment_path: Path, rig: Rig, rig_path: Path, clock,
+                 options: SessionOptions, pool):
+    """Open the screen; for a window, also check every pool sentence's fit and glyphs on it."""
+    from loop.presentation_loop import HeadlessScreen
+
+    if not options.display:
+        screen = HeadlessScreen(clock)
+        screen.open()
+        return screen
+
+    from loop.psychopy_screen import PsychoPyScreen, resolve_monitor
+    from loop.text_checks import check_texts_before_run
+    from loop.visuals import font_path
+
+    presentation = experiment.presentation
+    try:
+        look = text_look(experiment, experiment_path)
+        font_path(look)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise ConfigError(f"{experiment_path}: presentation: {err}") from None
+    photodiode = rig.display.photodiode
+    screen = PsychoPyScreen(
+        clock, resolve_monitor(rig.display, rig_path), look, presentation.mode,
+        presentation.word_duration_s / options.speed, presentation.image_size_deg,
+        presentation.fixation, _photodiode_look(photodiode),
+        (rig.display.pause_key, rig.display.end_key),
     )
-    text = TextSettings(font=display.font, height=display.text_height,
-                        wrap_width=display.wrap_width, color=display.text_color)
-    return PsychoPyPresenter(clock, outlet, window, text)
+    screen.open()
+    try:
+        check_texts_before_run(screen.window, pool.texts, look, mode=presentation.mode,
+                               word_duration_s=presentation.word_duration_s,
+                               stimulus_duration_s=experiment.timing.stimulus_duration_s)
+    except Exception:
+        screen.close()
+        raise
+    return screen
 
 
-def _close(recorder, status, presenter, inlet, outlet, simulator, path) -> None:
+def text_look(experiment: Experiment, experiment_path: Path):
+    """Return the text settings of an experiment's ``[presentation]`` table."""
+    from loop.visuals import TextLook
+
+    presentation = experiment.presentation
+    font_file = (resolve_data_path(presentation.font_file, experiment_path.parent)
+                 if presentation.font_file else None)
+    return TextLook(font=presentation.font, font_file=font_file,
+                    height_deg=presentation.text_height_deg,
+                    wrap_width_deg=presentation.wrap_width_deg, color=presentation.text_color,
+                    max_lines=presentation.max_lines)
+
+
+def _photodiode_look(photodiode):
+    if photodiode is None:
+        return None
+    from loop.visuals import PhotodiodeSettings
+
+    return PhotodiodeSettings(corner=photodiode.corner, size_pix=photodiode.size_pix)
+
+
+def _record_display_summary(recorder, summary, presenter) -> None:
+    """Store what the presentation loop saw: frame reports still queued, pauses, lag, fallbacks."""
+    for report in presenter.take_reports():
+        recorder.add_frame_report(report)
+    pauses = np.array(summary.pauses, dtype=np.float64).reshape(-1, 2)
+    recorder.write_array("display/pauses", pauses, attrs={"columns": "start, end (LSL clock, s)"})
+    recorder.file.attrs["n_fallbacks"] = summary.n_fallbacks
+    if "display_lag_s" in recorder.file["trials"]:
+        lags = recorder.file["trials/display_lag_s"][:]
+        measured = lags[np.isfinite(lags)]
+        if len(measured):
+            recorder.file.attrs["display_lag_median_s"] = float(np.median(measured))
+            recorder.file.attrs["display_lag_n_trials"] = len(measured)
+
+
+def _close(recorder, status, screen, inlet, outlet, simulator, path) -> None:
     """Close everything in order; each step runs even when an earlier one failed."""
     import pylsl
 
-    if presenter is not None:
-        presenter.close()
+    if screen is not None:
+        screen.close()
     if outlet is not None:
         end = {"type": "session_end", "status": status}
         text = outlet.push(end, pylsl.local_clock())

@@ -1,28 +1,52 @@
 """Check before a run that every sentence fits the window and that the font has all its glyphs.
 
 Runs in the controller process before the first trial. The layout check needs an open PsychoPy
-window, and the glyph check reads the font file that fontconfig picks, as PsychoPy's TextStim does
-on Linux. Neither check changes the text, so the text shown is the text in the markers.
+window with a monitor, because the text is laid out in degrees by the stimuli the presenter draws
+(:mod:`loop.visuals`). The glyph check reads the font file those stimuli draw with. Neither check
+changes the text, so the text shown is the text in the markers.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
+import math
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loop.psychopy_presenter import TextSettings, make_text_stim
+from loop.visuals import (
+    PRESENTATION_MODES,
+    PresentationMode,
+    TextLook,
+    find_font_file,
+    font_path,
+    join_arabic_letters,
+    make_text_stim,
+    paragraph_direction,
+    set_text,
+    visual_order,
+)
 
 if TYPE_CHECKING:
-    from psychopy.visual import Window
+    from psychopy.visual import TextStim, Window
+
+__all__ = [
+    "TextCheckError",
+    "check_texts_before_run",
+    "find_font_file",
+    "missing_glyphs",
+    "unfit_rsvp_texts",
+    "unfit_texts",
+]
 
 logger = logging.getLogger(__name__)
 
 # Laid out once to measure the height of one line, so that a text's line count is its height over this.
 LINE_PROBE_TEXT = "Hg"
+
+# Slack for the RSVP duration check, so that 3 words of 0.1 s fit a 0.3 s stimulus despite rounding.
+DURATION_TOLERANCE_S = 1e-9
 
 
 class TextCheckError(ValueError):
@@ -36,47 +60,20 @@ class TextCheckError(ValueError):
         self.problems = list(problems)
         lines = [f"{len(self.problems)} sentence(s) failed the check before the run:"]
         lines += [f"  {text!r}: {reason}" for text, reason in self.problems]
-        lines.append("Shorten or reword these sentences, or change the font or text settings.")
+        lines.append(
+            "Shorten or reword these sentences, or change the font, the text settings or the word duration."
+        )
         super().__init__("\n".join(lines))
-
-
-def find_font_file(font_name: str) -> Path:
-    """Find the file of the font family ``font_name`` that PsychoPy's TextStim would draw with.
-
-    TextStim draws with pyglet, and on Linux pyglet 1.5 takes the font file from fontconfig. For an
-    unknown family fontconfig returns a fallback font, which TextStim would draw silently, so that
-    raises here.
-    """
-    if not sys.platform.startswith("linux"):
-        # NOTE: pyglet uses Quartz on macOS and GDI+ or DirectWrite on Windows, and neither gives a
-        # file path, so the glyph check there needs the font file passed in.
-        raise RuntimeError(
-            f"Finding the file of font {font_name!r} works only on Linux (fontconfig), "
-            f"not on {sys.platform}. Pass the font file to check_texts_before_run as font_file."
-        )
-
-    # pyglet would open a hidden shadow window at import, which fails without a display.
-    os.environ["PYGLET_SHADOW_WINDOW"] = "0"
-    from pyglet.font.fontconfig import get_fontconfig
-
-    match = get_fontconfig().find_font(font_name)
-    matched_family = match.name if match else None
-    if not match or not match.file or (matched_family or "").lower() != font_name.lower():
-        raise FileNotFoundError(
-            f"Font {font_name!r} is not installed, and fontconfig offers {matched_family!r} in its "
-            "place, which PsychoPy would draw without a warning. Install the font (copy its files into "
-            "~/.local/share/fonts and run fc-cache), or set the text font to a family that "
-            "`fc-list : family` lists."
-        )
-    return Path(match.file)
 
 
 def missing_glyphs(texts: Iterable[str], font_file: Path) -> dict[str, list[str]]:
     """Return, for each text with characters the font has no glyph for, those characters.
 
-    A character counts as present when the font's cmap maps its code point. Whitespace is not
-    checked, because the layout turns it into space or line breaks. Characters are listed once, in
-    order of first appearance, and texts with every glyph present are left out.
+    The characters checked are those drawn, so Arabic letters are checked in the joined forms that
+    the presenter draws them in. A character counts as present when the font's cmap maps its code
+    point. Whitespace is not checked, because the layout turns it into space or line breaks.
+    Characters are listed once, in order of first appearance, and texts with every glyph present are
+    left out.
     """
     from fontTools.ttLib import TTFont
 
@@ -90,62 +87,85 @@ def missing_glyphs(texts: Iterable[str], font_file: Path) -> dict[str, list[str]
 
     missing: dict[str, list[str]] = {}
     for text in texts:
-        absent = [char for char in dict.fromkeys(text) if not char.isspace() and ord(char) not in cmap]
+        paragraphs = text.split("\n")
+        drawn = "".join(visual_order(paragraph, paragraph_direction(paragraph)) for paragraph in paragraphs)
+        drawn_chars = set(drawn)
+        # Listed in reading order, with any mirrored bracket that only the drawn text has at the end.
+        in_reading_order = dict.fromkeys(join_arabic_letters(text) + drawn)
+        absent = [
+            char
+            for char in in_reading_order
+            if char in drawn_chars and not char.isspace() and ord(char) not in cmap
+        ]
         if absent:
             missing[text] = absent
     return missing
 
 
 def unfit_texts(
-    window: Window,
-    texts: Iterable[str],
-    text_settings: TextSettings,
-    max_lines: int | None,
-    max_height_fraction: float,
+    window: Window, texts: Iterable[str], look: TextLook, max_height_fraction: float = 1.0
 ) -> list[tuple[str, str]]:
-    """Lay each text out in ``window`` and return those that would not fit, with the reason.
+    """Lay each whole sentence out in ``window`` and return those that would not fit, with the reason.
 
-    A text does not fit when its bounding box is wider than the wrap width, when it is taller than
-    ``max_height_fraction`` of the window height, or when it takes more than ``max_lines`` lines
-    (None for no line limit). The text is laid out by a TextStim with the presenter's settings.
+    A sentence does not fit when it is empty, when it is wider than the wrap width (a word longer
+    than a line), when it is taller than ``max_height_fraction`` of the window height, or when it
+    takes more than ``look.max_lines`` lines. It is laid out by the stimulus the presenter draws.
     """
-    if max_lines is not None and max_lines < 1:
-        raise ValueError(f"max_lines must be 1 or more, or None for no limit, got {max_lines!r}.")
-    if not 0 < max_height_fraction <= 1:
-        raise ValueError(
-            f"max_height_fraction must be a fraction of the window height in (0, 1], "
-            f"got {max_height_fraction!r}."
-        )
-
-    from psychopy.tools.monitorunittools import convertToPix
-
-    stim = make_text_stim(window, text_settings, LINE_PROBE_TEXT)
-    _, line_height_pix = stim.boundingBox
-    wrap_width_pix = float(
-        convertToPix(vertices=[text_settings.wrap_width, 0], pos=[0, 0], units=stim.units, win=window)[0]
-    )
-    max_height_pix = max_height_fraction * window.size[1]
+    _check_height_fraction(max_height_fraction)
+    layout = _Layout(window, look, max_height_fraction)
 
     unfit: list[tuple[str, str]] = []
     for text in texts:
-        stim.text = text
-        # boundingBox is in pixels in PsychoPy 2026.2 whatever the units, as its docstring states.
-        width_pix, height_pix = stim.boundingBox
-        n_lines = round(height_pix / line_height_pix)
+        if not text.strip():
+            unfit.append((text, "It is empty or only whitespace, so nothing would be shown."))
+            continue
+        n_lines, reasons = layout.measure(text, "It", "so a word is longer than a line")
+        if look.max_lines is not None and n_lines > look.max_lines:
+            reasons.append(f"It takes {n_lines} lines, more than the maximum of {look.max_lines}.")
+        if reasons:
+            unfit.append((text, " ".join(reasons)))
+    return unfit
 
+
+def unfit_rsvp_texts(
+    window: Window,
+    texts: Iterable[str],
+    look: TextLook,
+    word_duration_s: float,
+    stimulus_duration_s: float,
+    max_height_fraction: float = 1.0,
+) -> list[tuple[str, str]]:
+    """Return the sentences that RSVP could not show one word at a time, with the reason.
+
+    A sentence does not fit when it has no words, or when its words take longer than
+    ``stimulus_duration_s`` at ``word_duration_s`` each. It does not fit either when one of its words
+    is wider than the wrap width, takes more than one line, or is taller than ``max_height_fraction``
+    of the window.
+    """
+    _check_height_fraction(max_height_fraction)
+    for name, value in (("word_duration_s", word_duration_s), ("stimulus_duration_s", stimulus_duration_s)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
+    layout = _Layout(window, look, max_height_fraction)
+
+    unfit: list[tuple[str, str]] = []
+    for text in texts:
+        words = text.split()
+        if not words:
+            unfit.append((text, "It has no words, so nothing would be shown."))
+            continue
         reasons = []
-        if width_pix > wrap_width_pix:
+        for word in dict.fromkeys(words):
+            n_lines, word_reasons = layout.measure(word, f"The word {word!r}", "so it does not fit on a line")
+            reasons += word_reasons
+            if n_lines > 1:
+                reasons.append(f"The word {word!r} takes {n_lines} lines instead of one.")
+        words_duration_s = len(words) * word_duration_s
+        if words_duration_s > stimulus_duration_s + DURATION_TOLERANCE_S:
             reasons.append(
-                f"It is {width_pix:.0f} px wide, more than the wrap width of {wrap_width_pix:.0f} px "
-                f"({text_settings.wrap_width:g} {stim.units} units), so a word is longer than a line."
+                f"Its {len(words)} words take {words_duration_s:g} s at {word_duration_s:g} s each, "
+                f"longer than the stimulus duration of {stimulus_duration_s:g} s."
             )
-        if height_pix > max_height_pix:
-            reasons.append(
-                f"It is {height_pix:.0f} px tall, more than {max_height_fraction:g} of the "
-                f"{window.size[1]:.0f} px window height ({max_height_pix:.0f} px)."
-            )
-        if max_lines is not None and n_lines > max_lines:
-            reasons.append(f"It takes {n_lines} lines, more than the maximum of {max_lines}.")
         if reasons:
             unfit.append((text, " ".join(reasons)))
     return unfit
@@ -154,29 +174,101 @@ def unfit_texts(
 def check_texts_before_run(
     window: Window,
     texts: Iterable[str],
-    text_settings: TextSettings,
-    max_lines: int | None = None,
+    look: TextLook,
+    mode: PresentationMode = "sentence",
+    word_duration_s: float | None = None,
+    stimulus_duration_s: float | None = None,
     max_height_fraction: float = 1.0,
-    font_file: Path | None = None,
 ) -> None:
     """Check all ``texts`` for missing glyphs and for fit, and raise one error listing every failure.
 
-    ``font_file`` defaults to the file fontconfig finds for ``text_settings.font``. Raises
-    :class:`TextCheckError` naming each offending text, and returns None when all pass.
+    Glyphs are checked against the file of :func:`loop.visuals.font_path`. ``mode`` is "sentence"
+    (the whole text at once) or "rsvp" (one word at a time), which needs ``word_duration_s`` and
+    ``stimulus_duration_s``. Raises :class:`TextCheckError` naming each offending text, and returns
+    None when all pass.
     """
+    if mode not in PRESENTATION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(PRESENTATION_MODES)}, got {mode!r}.")
+    if mode == "rsvp" and (word_duration_s is None or stimulus_duration_s is None):
+        raise ValueError(
+            "mode 'rsvp' needs word_duration_s and stimulus_duration_s, got "
+            f"{word_duration_s!r} and {stimulus_duration_s!r}."
+        )
     texts = list(texts)
-    if font_file is None:
-        font_file = find_font_file(text_settings.font)
+    font_file = font_path(look)
 
     # Reasons per text, in the order of ``texts``, so that each sentence is listed once.
     reasons: dict[str, list[str]] = {}
     for text, chars in missing_glyphs(texts, font_file).items():
-        listed = ", ".join(f"{char!r} (U+{ord(char):04X})" for char in chars)
+        listed = ", ".join(_describe_character(char) for char in chars)
         reasons.setdefault(text, []).append(f"Font file {font_file.name} has no glyph for {listed}.")
-    for text, reason in unfit_texts(window, texts, text_settings, max_lines, max_height_fraction):
+    if mode == "sentence":
+        unfit = unfit_texts(window, texts, look, max_height_fraction)
+    else:
+        unfit = unfit_rsvp_texts(
+            window, texts, look, word_duration_s, stimulus_duration_s, max_height_fraction
+        )
+    for text, reason in unfit:
         reasons.setdefault(text, []).append(reason)
 
     problems = [(text, " ".join(reasons[text])) for text in dict.fromkeys(texts) if text in reasons]
     if problems:
         raise TextCheckError(problems)
-    logger.info("Checked %d sentences against font file %s and the window: all fit.", len(texts), font_file)
+    logger.info(
+        "Checked %d sentences (%s mode) against font file %s and the window: all fit.",
+        len(texts),
+        mode,
+        font_file,
+    )
+
+
+class _Layout:
+    """One reused text stimulus that measures texts as the presenter will draw them, in pixels."""
+
+    def __init__(self, window: Window, look: TextLook, max_height_fraction: float) -> None:
+        from psychopy.tools.monitorunittools import deg2pix
+
+        self._stim: TextStim = make_text_stim(window, look, LINE_PROBE_TEXT)
+        _, self._line_height_pix = self._stim.boundingBox
+        self._look = look
+        self._wrap_width_pix = float(deg2pix(look.wrap_width_deg, window.monitor))
+        self._window_height_pix = int(window.size[1])
+        self._max_height_fraction = max_height_fraction
+        self._max_height_pix = max_height_fraction * self._window_height_pix
+
+    def measure(self, text: str, subject: str, too_wide_consequence: str) -> tuple[int, list[str]]:
+        """Lay ``text`` out and return its number of lines and why it is too wide or too tall.
+
+        Each reason starts with ``subject``, and the width reason ends with ``too_wide_consequence``.
+        """
+        set_text(self._stim, text)
+        # boundingBox is in pixels in PsychoPy 2026.2 whatever the units, as its docstring states.
+        width_pix, height_pix = self._stim.boundingBox
+        n_lines = round(height_pix / self._line_height_pix)
+
+        reasons = []
+        if width_pix > self._wrap_width_pix:
+            reasons.append(
+                f"{subject} is {width_pix:.0f} px wide, more than the wrap width of "
+                f"{self._wrap_width_pix:.0f} px ({self._look.wrap_width_deg:g} deg), {too_wide_consequence}."
+            )
+        if height_pix > self._max_height_pix:
+            reasons.append(
+                f"{subject} is {height_pix:.0f} px tall, more than {self._max_height_fraction:g} of the "
+                f"{self._window_height_pix} px window height ({self._max_height_pix:.0f} px)."
+            )
+        return n_lines, reasons
+
+
+def _check_height_fraction(max_height_fraction: float) -> None:
+    if not 0 < max_height_fraction <= 1:
+        raise ValueError(
+            f"max_height_fraction must be a fraction of the window height in (0, 1], "
+            f"got {max_height_fraction!r}."
+        )
+
+
+def _describe_character(char: str) -> str:
+    """Describe a character for a message, as "'中' (U+4E2D CJK UNIFIED IDEOGRAPH-4E2D)"."""
+    name = unicodedata.name(char, "")
+    return f"{char!r} (U+{ord(char):04X}{' ' + name if name else ''})"

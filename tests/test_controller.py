@@ -30,6 +30,9 @@ class LinearSubject:
         value = self.truth[stimulus.text] + self.rng.normal(0, self.noise_sd)
         return np.array([value, value, 0.0])
 
+    def display_lag(self, onset):
+        return float("nan")
+
 
 def synthetic_pool(n=600, width=20, seed=0):
     rng = np.random.default_rng(seed)
@@ -107,16 +110,23 @@ def test_onsets_follow_the_schedule(tmp_path):
     state = controller.run()
     onsets = np.array([r.onset for r in state.trials])
     intervals = np.diff(onsets)
+    runs = [(r.phase, r.block) for r in state.trials]
+    same_run = np.array([a == b for a, b in zip(runs[:-1], runs[1:], strict=True)])
     # Stimulus 2.0 s plus interval 1.0 s with a uniform jitter of +-0.2 s.
-    assert intervals.min() >= 2.8 - 1e-9
-    assert intervals.max() <= 3.2 + 1e-9
+    assert intervals[same_run].min() >= 2.8 - 1e-9
+    assert intervals[same_run].max() <= 3.2 + 1e-9
+    # Between runs: the stimulus (2.0 s), the rest message (2.0 s), then one interval (1.0 s).
+    # Calibration to block 1, block 1 to 2, block 2 to evaluation.
+    assert np.count_nonzero(~same_run) == 3
+    np.testing.assert_allclose(intervals[~same_run], 5.0)
     assert all(r.late_s == 0.0 for r in state.trials)
+    assert not any(r.late or r.fallback for r in state.trials)
 
 
 class LatePresenter(HeadlessPresenter):
     def present(self, trial, condition, stimulus, due, duration_s):
         onset = super().present(trial, condition, stimulus, due, duration_s)
-        return Onset(onset.time + 0.05, 0.05, onset.marker)
+        return Onset(onset.time + 0.05, 0.05, onset.marker, onset.stimulus, onset.condition)
 
 
 def test_repeated_late_onsets_raise(tmp_path):

@@ -141,6 +141,39 @@ def test_simulator_truth_merged_and_reported(dry_run):
     assert "drive > baseline > suppress" in report.read_text()
 
 
+def test_display_lag_measured_from_photodiode(dry_run):
+    path, _ = dry_run
+    with h5py.File(path, "r") as file:
+        trials = read_trials(file)
+        median = file.attrs["display_lag_median_s"]
+        n_measured = file.attrs["display_lag_n_trials"]
+    # The simulated photodiode lights 12 ms after each onset marker, and the first lit sample is
+    # the next one on the 1 kHz grid. The 0.5 ms margins cover the simulator's clock correction.
+    assert n_measured == 24
+    assert trials["display_lag_s"].min() >= 0.0115
+    assert trials["display_lag_s"].max() <= 0.0135
+    assert 0.0115 <= median <= 0.0135
+
+
+def test_frame_reports_cover_every_trial(dry_run):
+    path, _ = dry_run
+    with h5py.File(path, "r") as file:
+        trials = read_trials(file)
+        frame_trials = file["display/frames/trial"][()]
+        offsets = file["display/frames/offset"][()]
+        dropped = file["display/frames/n_dropped_frames"][()]
+        assert file.attrs["n_fallbacks"] == 0
+        assert file["display/pauses"].shape == (0, 2)
+    assert frame_trials.tolist() == trials["trial"].tolist()
+    durations = offsets - trials["onset"]
+    # 2 s stimuli at speed 10; the headless screen wakes at most a few ms late.
+    assert durations.min() >= 0.2
+    assert durations.max() < 0.25
+    assert dropped.tolist() == [0] * 24
+    assert not trials["late"].any()
+    assert not trials["fallback"].any()
+
+
 @pytest.mark.display
 def test_dry_run_with_psychopy_window(tmp_path, xvfb_display):
     experiment, rig = small_experiment(tmp_path, "neurosteer-e2e-display")
@@ -158,6 +191,32 @@ def test_dry_run_with_psychopy_window(tmp_path, xvfb_display):
     early = trials["due"] - trials["onset"]
     assert early.max() < 0.020, f"onset {early.max() * 1000:.1f} ms before its due time"
     assert (trials["onset"] - trials["due"]).max() < 0.5
+
+
+@pytest.mark.display
+def test_unfit_sentences_rejected_before_run(tmp_path, xvfb_display):
+    from loop.text_checks import TextCheckError
+
+    experiment, rig = small_experiment(tmp_path, "neurosteer-e2e-unfit")
+    # Six words each, as the pool's word-count filter keeps.
+    too_wide = "Pneumonoultramicroscopicsilicovolcanoconiosis" * 2 + " is one very long word."
+    no_glyph = "The sign said 日本 in red."
+    pool = (REPO / "tests" / "data" / "pool_small.txt").read_text(encoding="utf-8")
+    pool_path = tmp_path / "pool.txt"
+    pool_path.write_text(f"{pool.rstrip()}\n{too_wide}\n{no_glyph}\n", encoding="utf-8")
+    text = experiment.read_text().replace(str(REPO / "tests" / "data" / "pool_small.txt"),
+                                          str(pool_path))
+    experiment.write_text(text)
+
+    with pytest.raises(TextCheckError) as caught:
+        run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED,
+                                                    display=True))
+    assert [text for text, _ in caught.value.problems] == [too_wide, no_glyph]
+    assert "more than the wrap width of 759 px (30 deg)" in caught.value.problems[0][1]
+    assert caught.value.problems[1][1] == (
+        "Font file NotoSans-Regular.ttf has no glyph for '日' (U+65E5 CJK UNIFIED IDEOGRAPH-65E5), "
+        "'本' (U+672C CJK UNIFIED IDEOGRAPH-672C).")
+    assert list((tmp_path / "sessions").glob("*.h5")) == []
 
 
 class StopSubjectAt:
@@ -179,6 +238,48 @@ class StopSubjectAt:
             for child in multiprocessing.active_children():
                 if child.name == "neurosteer-simulator":
                     child.terminate()
+
+
+class PressKeyAt(StopSubjectAt):
+    """Progress hooks that press a key in the PsychoPy window after a given trial."""
+
+    def __init__(self, trial: int, key: str) -> None:
+        super().__init__(trial)
+        self.key = key
+
+    def trial(self, record) -> None:
+        if record.trial == self.stop_after:
+            from psychopy import event
+
+            # PsychoPy's documented way to emulate a key press (psychopy/event.py, 2026.2).
+            event._onPygletKey(self.key, 0, emulated=True)
+
+
+@pytest.mark.display
+def test_end_key_keeps_completed_trials(tmp_path, xvfb_display):
+    from loop.errors import SessionAbortedError
+
+    experiment, rig = small_experiment(tmp_path, "neurosteer-e2e-end")
+    with pytest.raises(SessionAbortedError, match="operator ended the run") as caught:
+        run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED,
+                                                    display=True),
+                    progress=PressKeyAt(14, "escape"))
+    path = next((tmp_path / "sessions").glob("*.h5"))
+    assert str(path) in str(caught.value)
+    with h5py.File(path, "r") as file:
+        assert file.attrs["status"] == "ended_by_operator"
+        trials = read_trials(file)
+        n_rows = {name: dataset.shape[0] for name, dataset in file["trials"].items()}
+        markers = [json.loads(text) for text in file["markers/text"].asstr()[()]]
+    # The key is read between trials, so the run ends after trial 14 or the one after it.
+    n_trials = len(trials["trial"])
+    assert n_trials in (15, 16)
+    assert trials["trial"].tolist() == list(range(n_trials))
+    assert set(n_rows.values()) == {n_trials}
+    assert np.isfinite(trials["observed"]).all()
+    assert markers[-1] == {"type": "session_end", "status": "ended_by_operator"}
+    onsets = [marker for marker in markers if marker["type"] == "onset"]
+    assert [marker["text"] for marker in onsets[:n_trials]] == trials["text"].tolist()
 
 
 def test_lost_stream_keeps_completed_trials(tmp_path):
@@ -208,5 +309,5 @@ def test_inspect_summarises_session(dry_run):
     assert "Trials: 24" in lines
     assert "  calibration  calibration     12" in lines
     assert "  evaluation   drive            2" in lines
-    assert any(line.startswith("Stream neurosteer-e2e-data: 64 channels at 1000 Hz") for line in lines)
+    assert any(line.startswith("Stream neurosteer-e2e-data: 65 channels at 1000 Hz") for line in lines)
     assert "Model updates: fit 2, online 6" in lines
