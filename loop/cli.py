@@ -194,11 +194,54 @@ def build_parser() -> argparse.ArgumentParser:
                           help="divide every duration by this factor (match the session's --speed)")
     simulate.add_argument("--log", default="simulator.jsonl", help="truth log (JSON lines)")
     simulate.set_defaults(handler=_cmd_simulate)
+
+    bridge = commands.add_parser(
+        "bridge", formatter_class=DEFAULTS,
+        help="publish per-TR ROI means of NIfTI or DICOM volumes written into a folder")
+    bridge.add_argument("folder", help="folder the scanner writes volumes into")
+    bridge.add_argument("--pattern", default="vol_{tr:04d}.nii",
+                        help="file name pattern; {tr} is the TR index (see docs/fmri.md)")
+    bridge.add_argument("--mask", action="append", required=True, metavar="NAME=FILE",
+                        help="one ROI: its name and a NIfTI mask file; repeat per ROI, in the "
+                             "order of the rig's zmq.roi_names")
+    bridge.add_argument("--address", default="tcp://127.0.0.1:5570",
+                        help="ZeroMQ endpoint to publish on (the rig's zmq.address)")
+    bridge.add_argument("--allow-remote", action="store_true",
+                        help="allow an address beyond this machine")
+    bridge.add_argument("--n-trs", type=int, default=None, help="stop after this many TRs")
+    bridge.set_defaults(handler=_cmd_bridge)
     return parser
+
+
+def _cmd_bridge(args) -> int:
+    from acquisition.volumes import RoiMasks, VolumeBridge, VolumeWatcher
+    from acquisition.zmq_bridge import TRPublisher
+
+    masks = {}
+    for item in args.mask:
+        name, separator, file = item.partition("=")
+        if not separator or not name or not file:
+            print(f"neurosteer: --mask {item!r}: expected NAME=FILE, e.g. language=lang_mask.nii",
+                  file=sys.stderr)
+            return 2
+        masks[name] = file
+    publisher = TRPublisher(args.address, bind=True, allow_remote=args.allow_remote)
+    try:
+        bridge = VolumeBridge(VolumeWatcher(args.folder, args.pattern), RoiMasks.from_files(masks),
+                              publisher)
+        print(f"Waiting for the session to connect to {publisher.address} ...")
+        publisher.wait_for_subscribers(1, timeout_s=3600.0)
+        bridge.run(n_trs=args.n_trs)
+    finally:
+        publisher.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from acquisition.errors import StreamLostError, StreamNotFoundError
+    from acquisition.scanner import TriggerMismatchError, TriggerTimeoutError
+    from acquisition.volumes import MaskShapeError
+    from acquisition.zmq_bridge import SubscriberNotFoundError
     from loop.errors import ConfigError, DeadlineMissedError, SessionAbortedError
     from loop.text_checks import TextCheckError
     from synth.errors import CacheCorruptError, ModelNotFoundError
@@ -216,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ConfigError, ModelNotFoundError, CacheCorruptError, PoolFileError,
             StreamNotFoundError, StreamLostError, DeadlineMissedError, SessionAbortedError,
-            PoolGenerationError, TextCheckError, FileExistsError) as err:
+            PoolGenerationError, TextCheckError, TriggerMismatchError, TriggerTimeoutError,
+            MaskShapeError, SubscriberNotFoundError, FileExistsError) as err:
         notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
         print(f"neurosteer: {err}{notes}", file=sys.stderr)
         return 2

@@ -104,6 +104,15 @@ class ResponseSettings(Settings):
     baseline_s: tuple[float, float] = (-0.5, 0.0)
     """Baseline window [start, end] relative to onset, in seconds; subtracted from the response."""
 
+    estimable_after_s: PositiveFloat = 12.0
+    """fMRI: time after onset until a trial's response is estimated from the ROI time series, in seconds."""
+
+    drift_cutoff_s: PositiveFloat = 128.0
+    """fMRI: longest period of the cosine drift terms of the online GLM, in seconds."""
+
+    glm_ridge: PositiveFloat = 1.0
+    """fMRI: pull of per-trial estimates towards their mean: noise variance over amplitude variance."""
+
     @model_validator(mode="after")
     def _windows(self) -> ResponseSettings:
         if self.tmax_s <= self.tmin_s:
@@ -230,10 +239,12 @@ class Experiment(Settings):
         if presentation.mode == "rsvp" and self.pool.n_words is not None:
             needed = self.pool.n_words * presentation.word_duration_s
             if needed > self.timing.stimulus_duration_s:
+                longest = self.timing.stimulus_duration_s / self.pool.n_words
                 raise ValueError(
-                    f"in rsvp mode {self.pool.n_words} words of {presentation.word_duration_s:g} s "
-                    f"need {needed:g} s, longer than timing.stimulus_duration_s "
-                    f"({self.timing.stimulus_duration_s:g} s)"
+                    f"presentation.word_duration_s: in rsvp mode {self.pool.n_words} words of "
+                    f"{presentation.word_duration_s:g} s need {needed:g} s, longer than "
+                    f"timing.stimulus_duration_s ({self.timing.stimulus_duration_s:g} s). Set "
+                    f"word_duration_s to at most {longest:.3g} s, or lengthen the stimulus"
                 )
         return self
 
@@ -390,12 +401,109 @@ class SimulatorSettings(Settings):
         return self
 
 
+class ScannerSettings(Settings):
+    tr_s: PositiveFloat = 2.0
+    """Repetition time: one volume per TR, in seconds."""
+
+    n_dummy_scans: Annotated[int, Field(ge=0)] = 4
+    """Volumes at the start of a run that are discarded; their pulses are counted but not used."""
+
+    trigger: Literal["key", "serial", "lsl"] = "key"
+    """Where sync pulses come from: a key press, a serial (TTL) line, or an LSL marker stream."""
+
+    trigger_key: str = "5"
+    """Key the scanner's trigger box sends for each pulse."""
+
+    serial_port: str | None = None
+    """Serial port of the trigger line (e.g. `COM3` or `/dev/ttyUSB0`), for `trigger = "serial"`."""
+
+    serial_baudrate: Annotated[int, Field(gt=0)] = 115200
+    """Baud rate of the serial trigger line."""
+
+    serial_trigger_byte: Annotated[int, Field(ge=0, le=255)] = 53
+    """Byte value of one pulse on the serial line (53 is the character `5`)."""
+
+    trigger_stream: str = "neurosteer-scanner-triggers"
+    """LSL marker stream of the pulses, for `trigger = "lsl"` (the simulated scanner sends one)."""
+
+    first_pulse_timeout_s: PositiveFloat = 120.0
+    """How long the session waits for the first sync pulse, in seconds."""
+
+    max_response_delay_trs: PositiveFloat = 3.0
+    """Latest arrival of a volume's values after its pulse, in TRs; two later ones in a row stop the run."""
+
+    @model_validator(mode="after")
+    def _serial_needs_port(self) -> ScannerSettings:
+        if self.trigger == "serial" and not self.serial_port:
+            raise ValueError('trigger = "serial" needs serial_port')
+        return self
+
+
+class ZmqSettings(Settings):
+    address: str = "tcp://127.0.0.1:5570"
+    """ZeroMQ endpoint of the per-TR values (see docs/zmq_schema.md)."""
+
+    bind: bool = False
+    """Bind the subscriber to the address (the pipeline connects) instead of connecting to it."""
+
+    allow_remote: bool = False
+    """Allow an address beyond this machine; off by default so that nothing listens on the network."""
+
+    roi_names: list[str] = Field(default=["language", "control"], min_length=1)
+    """ROIs in the order the pipeline sends their values; targets are chosen among them."""
+
+    @field_validator("roi_names")
+    @classmethod
+    def _distinct_rois(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("roi_names lists an ROI twice")
+        return value
+
+
+class ScannerSimulatorSettings(Settings):
+    target_roi: str = "language"
+    """ROI whose response follows the sentences' truth; the others respond equally to every sentence."""
+
+    percent_signal_change: PositiveFloat = 1.0
+    """Response of the target ROI to the pool's average sentence, in % of the baseline signal."""
+
+    signal_sd: PositiveFloat = 0.5
+    """SD of the target ROI's response across sentences, in % signal change."""
+
+    thermal_noise_sd: NonNegativeFloat = 0.4
+    """SD of white noise per volume, in % signal change."""
+
+    physiological_noise_sd: NonNegativeFloat = 0.2
+    """SD of the slow cardiac- and respiration-like oscillations, in % signal change."""
+
+    drift_per_minute: float = 0.5
+    """Linear scanner drift, in % signal change per minute."""
+
+    processing_delay_s: NonNegativeFloat = 0.4
+    """Delay from the end of a volume's acquisition to its values being sent, in seconds."""
+
+    readout_weight: float = 1.0
+    """Weight of the sentence-embedding readout in the truth, in pool SDs."""
+
+    surprisal_weight: float = 1.0
+    """Weight of the surprisal term in the truth, in pool SDs."""
+
+    surprisal_model: str = "embedded:smollm2-135m"
+    """Language model that computes the surprisal term."""
+
+    seed: int = 11
+    """Seed of the readout and the noise."""
+
+    volume_folder: str | None = None
+    """Folder to also write every volume into (NIfTI, with ROI masks), to exercise `neurosteer bridge`."""
+
+
 class RigInfo(Settings):
     name: str
     """Name of the rig."""
 
-    kind: Literal["simulated", "ecog", "eeg"]
-    """`simulated` starts the simulated subject; `ecog` and `eeg` expect a live stream."""
+    kind: Literal["simulated", "ecog", "eeg", "fmri", "simulated_fmri"]
+    """`simulated` and `simulated_fmri` start a simulated subject; the others expect live data."""
 
     description: str = ""
     """Free text stored in the session file."""
@@ -408,12 +516,39 @@ class Rig(Settings):
     """The stimulus screen; needed to run with a window."""
 
     simulator: SimulatorSettings | None = None
+    scanner: ScannerSettings | None = None
+    """The MRI scanner: TR, dummy scans and sync pulses; needed by fMRI rigs."""
+
+    zmq: ZmqSettings | None = None
+    """Where the per-TR ROI values come from; needed by fMRI rigs."""
+
+    scanner_simulator: ScannerSimulatorSettings | None = None
+    """The simulated scanner of `simulated_fmri` rigs."""
 
     @model_validator(mode="after")
-    def _simulated_needs_simulator(self) -> Rig:
-        if self.rig.kind == "simulated" and self.simulator is None:
+    def _kind_has_its_tables(self) -> Rig:
+        kind = self.rig.kind
+        if kind == "simulated" and self.simulator is None:
             raise ValueError("a rig of kind 'simulated' needs a [simulator] table")
+        if kind in ("fmri", "simulated_fmri"):
+            missing = [name for name in ("scanner", "zmq") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"a rig of kind {kind!r} needs the tables "
+                                 + ", ".join(f"[{name}]" for name in missing))
+        if kind == "simulated_fmri":
+            if self.scanner_simulator is None:
+                raise ValueError("a rig of kind 'simulated_fmri' needs a [scanner_simulator] table")
+            if self.scanner.trigger != "lsl":
+                raise ValueError('the simulated scanner sends its pulses over LSL: set scanner.trigger '
+                                 '= "lsl"')
+            if self.scanner_simulator.target_roi not in self.zmq.roi_names:
+                raise ValueError(f"scanner_simulator.target_roi {self.scanner_simulator.target_roi!r} "
+                                 f"is not in zmq.roi_names {self.zmq.roi_names}")
         return self
+
+    @property
+    def is_fmri(self) -> bool:
+        return self.rig.kind in ("fmri", "simulated_fmri")
 
 
 def _format_location(location: tuple) -> str:
@@ -450,6 +585,8 @@ def _validate(model: type[Settings], path: Path, content: dict):
                 message = "required key is missing"
             elif "input" in problem and not isinstance(problem["input"], dict):
                 message = f"{message} (got {problem['input']!r})"
+            # pydantic prefixes the messages of validators with "Value error, ".
+            message = message.removeprefix("Value error, ")
             lines.append(f"{path}: {key}: {message}")
         raise ConfigError("\n".join(lines)) from None
 

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from loop.config import Experiment
 from loop.errors import DeadlineMissedError
-from loop.presentation import Stimulus
+from loop.presentation import Onset, Stimulus
 from loop.recording import TrialRecord
 from loop.selection import select_diverse, select_random, select_top
 from synth.encoding import PoolScorer, RidgeEncoder, Standardizer, alpha_grid, ridge_loo
@@ -36,6 +36,28 @@ logger = logging.getLogger(__name__)
 POLICIES = ("closed_loop", "open_loop", "calibration_only", "random")
 # An onset later than this counts as late (a bit over one frame at 60 Hz).
 LATE_ONSET_S = 0.020
+# With a delayed response source, the next stimulus is chosen this long before its onset, in
+# seconds. Until then the controller takes the responses that become estimable.
+SELECTION_LEAD_S = 0.1
+# Maximum wait for per-TR values in one poll, in seconds.
+RESPONSE_POLL_S = 0.05
+
+
+@dataclass
+class _PendingTrial:
+    """A trial shown whose response has not been recorded yet."""
+
+    trial: int
+    phase: str
+    block: int
+    condition: str
+    index: int
+    stimulus: Stimulus
+    due: float
+    onset: Onset
+    predicted: float
+    predicted_sd: float
+    update: bool
 
 
 @dataclass
@@ -45,6 +67,7 @@ class ControllerState:
     shown_mask: np.ndarray
     indices: list[int] = field(default_factory=list)
     responses: list[float] = field(default_factory=list)
+    trial_ids: list[int] = field(default_factory=list)
     layer: int | None = None
     layer_cv_r: dict[int, float] = field(default_factory=dict)
     trials: list[TrialRecord] = field(default_factory=list)
@@ -102,6 +125,9 @@ class Controller:
         self._fallback_index: int | None = None
         # Stimuli a phase has planned to show (calibration, evaluation): never used as fallbacks.
         self._planned = np.zeros(len(pool), dtype=bool)
+        # Responses that arrive seconds after the onset (fMRI) are polled instead of awaited.
+        self._delayed = getattr(responses, "delayed", False)
+        self._pending: dict[int, _PendingTrial] = {}
 
     # Timing
 
@@ -125,8 +151,9 @@ class Controller:
 
     def _run_trial(self, phase: str, block: int, condition: str, index: int,
                    predicted: float, predicted_sd: float, update: bool,
-                   next_in_run: bool) -> TrialRecord:
-        """Present one stimulus, record its response and update the model.
+                   next_in_run: bool) -> None:
+        """Present one stimulus, then record its response and update the model (or, for a delayed
+        source, take the responses that become estimable until shortly before the next onset).
 
         ``next_in_run`` is True when another trial follows on the same schedule, so its slot is
         announced with a fallback stimulus in case the next choice comes late.
@@ -161,30 +188,73 @@ class Controller:
         if next_in_run:
             self._announce_next_slot(duration_s)
 
-        channels = self.responses.collect(onset.time, stimulus)
+        pending = _PendingTrial(
+            trial=self._trial_index, phase=phase, block=block, condition=condition, index=index,
+            stimulus=stimulus, due=due, onset=onset, predicted=predicted,
+            predicted_sd=predicted_sd, update=update)
+        self._trial_index += 1
+        if not self._delayed:
+            self._finish_trial(pending, self.responses.collect(onset.time, stimulus))
+            return
+
+        # A delayed source (fMRI) scores the trial seconds later. Until shortly before the next
+        # onset, the responses that become estimable update the model the next choice uses.
+        self.responses.register(pending.trial, onset.time, duration_s)
+        self._pending[pending.trial] = pending
+        if next_in_run:
+            self._take_responses_until(self._next_due - SELECTION_LEAD_S)
+        else:
+            self._take_responses(0.0)
+
+    def _finish_trial(self, pending: _PendingTrial, channels: np.ndarray) -> TrialRecord:
+        """Record a trial's response and update the model with it."""
+        onset = pending.onset
         observed = float(np.mean(channels[self.target_indices]))
         record = TrialRecord(
-            trial=self._trial_index, phase=phase, block=block, condition=condition,
-            stimulus_id=stimulus.stimulus_id, text=stimulus.text, due=due, onset=onset.time,
-            late_s=onset.late_s, late=onset.late_s > LATE_ONSET_S, fallback=onset.fallback,
-            display_lag_s=self.responses.display_lag(onset.time), predicted=predicted,
-            predicted_sd=predicted_sd, observed=observed, epoch_ok=True, marker=onset.marker,
+            trial=pending.trial, phase=pending.phase, block=pending.block,
+            condition=pending.condition, stimulus_id=pending.stimulus.stimulus_id,
+            text=pending.stimulus.text, due=pending.due, onset=onset.time, late_s=onset.late_s,
+            late=onset.late_s > LATE_ONSET_S, fallback=onset.fallback,
+            display_lag_s=self.responses.display_lag(onset.time),
+            response_delay_s=self.clock.now() - onset.time,
+            trials_ahead=self._trial_index - 1 - pending.trial, predicted=pending.predicted,
+            predicted_sd=pending.predicted_sd, observed=observed, epoch_ok=True,
+            marker=onset.marker,
         )
         self.state.trials.append(record)
         if self.recorder is not None:
             self.recorder.add_trial(record, channels)
         if self.on_trial is not None:
             self.on_trial(record)
-        self._trial_index += 1
 
-        self.state.indices.append(index)
+        self.state.indices.append(pending.index)
         self.state.responses.append(observed)
-        if update and self.encoder is not None:
-            directions = self.encoder.update(self.pool_features[self.state.layer][index][None],
-                                             np.array([[observed]]))
+        self.state.trial_ids.append(pending.trial)
+        if pending.update and self.encoder is not None:
+            directions = self.encoder.update(
+                self.pool_features[self.state.layer][pending.index][None], np.array([[observed]]))
             self.scorer.apply_update(directions)
-            self._record_update("online")
+            self._record_update("online", pending.trial)
         return record
+
+    def _take_responses(self, timeout_s: float) -> int:
+        """Finish the pending trials whose responses have become estimable; return how many."""
+        ready = self.responses.poll(timeout_s)
+        for trial in sorted(ready):
+            self._finish_trial(self._pending.pop(trial), ready[trial])
+        return len(ready)
+
+    def _take_responses_until(self, deadline: float) -> None:
+        while True:
+            remaining = deadline - self.clock.now()
+            if remaining <= 0:
+                return
+            self._take_responses(min(remaining, RESPONSE_POLL_S))
+
+    def _wait_for_responses(self) -> None:
+        """Wait until every trial shown so far has its response (the end of a run)."""
+        while self._pending:
+            self._take_responses(RESPONSE_POLL_S)
 
     def _announce_next_slot(self, duration_s: float) -> None:
         if self.experiment.allow_repeats:
@@ -238,11 +308,12 @@ class Controller:
             return float("nan"), float("nan")
         return float(self.scorer.mean[index, 0]), float(self.scorer.sd[index, 0])
 
-    def _record_update(self, kind: str) -> None:
+    def _record_update(self, kind: str, trial: int | None = None) -> None:
         if self.recorder is None:
             return
         encoder = self.encoder
-        self.recorder.add_model_update(self._trial_index - 1, kind, encoder.n_samples,
+        trial = self._trial_index - 1 if trial is None else trial
+        self.recorder.add_model_update(trial, kind, encoder.n_samples,
                                        encoder.alphas, encoder.cv_r, encoder.noise_var,
                                        encoder.weights)
 
@@ -365,10 +436,33 @@ class Controller:
             predicted, predicted_sd = self._prediction(int(index))
             self._run_trial("evaluation", 0, condition, int(index), predicted, predicted_sd,
                             update=False, next_in_run=count < len(order) - 1)
+        self._wait_for_responses()
+        self._refresh_responses()
 
     def _rest(self) -> None:
+        """Show the rest message and wait for the responses still pending, before a refit."""
         presentation = self.experiment.presentation
         self._show_message(presentation.rest, presentation.rest_duration_s)
+        self._wait_for_responses()
+        self._refresh_responses()
+
+    def _refresh_responses(self) -> None:
+        """Re-estimate every response so far from all the data of a delayed source (fMRI).
+
+        A GLM estimate made 12 s after an onset rests on the volumes received by then, and the first
+        trials of a run have few volumes to separate drift from response. The refit after a phase
+        or block uses the estimates from every volume received since. The trial table keeps the
+        estimates as they were when each trial was first recorded.
+        """
+        if not self._delayed or not self.state.trial_ids:
+            return
+        estimates = self.responses.estimate(self.state.trial_ids)
+        self.state.responses = [float(value) for value in
+                                estimates[:, self.target_indices].mean(axis=1)]
+        if self.recorder is not None:
+            self.recorder.write_array("fmri/refreshed/trial", np.array(self.state.trial_ids))
+            self.recorder.write_array("fmri/refreshed/estimates", estimates)
+            self.recorder.write_array("fmri/refreshed/observed", np.array(self.state.responses))
 
     def run(self) -> ControllerState:
         """Run calibration, the closed loop and evaluation, as the policy prescribes."""

@@ -58,6 +58,10 @@ def inspect_session(path: Path) -> str:
             kinds = Counter(item.decode() if isinstance(item, bytes) else item
                             for item in file["model/updates/kind"][()])
             lines.append("Model updates: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+        if "fmri/volumes/status" in file:
+            statuses = Counter(file["fmri/volumes/status"].asstr()[()])
+            lines.append(f"fMRI volumes: {sum(statuses.values())} ("
+                         + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + ")")
         n_faults = file["faults/kind"].shape[0] if "faults/kind" in file else 0
         lines.append(f"Faults: {n_faults}")
         for index in range(n_faults):

@@ -278,12 +278,21 @@ class PsychoPyScreen:
         from psychopy import monitors, visual
 
         settings = self._window_settings
-        monitor = monitors.Monitor(
-            settings.monitor_name,
-            width=settings.monitor_width_cm,
-            distance=settings.monitor_distance_cm,
-            autoLog=False,
-        )
+        # A monitor the rig file describes is not saved in Monitor Center, and PsychoPy warns
+        # "Monitor specification not found" on the console. The rig file's values are complete.
+        from psychopy import logging as psychopy_logging
+
+        console_level = psychopy_logging.console.level
+        psychopy_logging.console.setLevel(psychopy_logging.ERROR)
+        try:
+            monitor = monitors.Monitor(
+                settings.monitor_name,
+                width=settings.monitor_width_cm,
+                distance=settings.monitor_distance_cm,
+                autoLog=False,
+            )
+        finally:
+            psychopy_logging.console.setLevel(console_level)
         monitor.setSizePix(list(settings.size_pix))
         window = visual.Window(
             size=list(settings.size_pix),

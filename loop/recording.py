@@ -27,7 +27,9 @@ class TrialRecord:
 
     ``late`` marks an onset more than 20 ms after its due time, ``fallback`` a trial that showed
     the fallback stimulus because the choice came too late, and ``display_lag_s`` the photodiode's
-    delay after the onset (NaN without a photodiode channel).
+    delay after the onset (NaN without a photodiode channel). ``response_delay_s`` is the time
+    from the onset until the response was recorded, and ``trials_ahead`` the trials shown after
+    this one by then: how far selection ran ahead of the data.
     """
 
     trial: int
@@ -42,6 +44,8 @@ class TrialRecord:
     late: bool
     fallback: bool
     display_lag_s: float
+    response_delay_s: float
+    trials_ahead: int
     predicted: float
     predicted_sd: float
     observed: float
@@ -104,6 +108,7 @@ class SessionRecorder:
         self._markers = Table(self.file.create_group("markers"))
         self._layers = Table(self.file.create_group("model/layer_selection"))
         self._frames = Table(self.file.create_group("display/frames"))
+        self._volumes: Table | None = None
         self._streams: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
 
     def write_metadata(self, experiment_text: str, rig_text: str, metadata: dict) -> None:
@@ -167,6 +172,15 @@ class SessionRecorder:
         """Append one stimulus's offset and dropped frames (a :class:`FrameReport`)."""
         self._frames.append({"trial": report.trial, "offset": report.offset,
                              "n_dropped_frames": report.n_dropped_frames})
+
+    def add_volume(self, volume) -> None:
+        """Append one TR's ROI values as they arrived (a :class:`acquisition.fmri.VolumeRecord`)."""
+        if self._volumes is None:
+            self._volumes = Table(self.file.create_group("fmri/volumes"))
+        self._volumes.append({"tr_index": volume.tr_index, "arrival": volume.arrival,
+                              "acquisition_time": volume.acquisition_time,
+                              "values": np.asarray(volume.values, dtype=np.float64),
+                              "status": volume.status})
 
     def add_model_update(self, trial: int, kind: str, n_samples: int, alphas: np.ndarray,
                          cv_r: np.ndarray, noise_var: np.ndarray, weights: np.ndarray) -> None:

@@ -60,6 +60,13 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
         trials = read_trials(file)
         facts = {key: (value.decode() if isinstance(value, bytes) else value)
                  for key, value in file.attrs.items()}
+        facts["refreshed"] = "fmri/refreshed/observed" in file
+        if facts["refreshed"]:
+            # fMRI: the final GLM estimates, from every volume, replace those made online.
+            final = dict(zip(file["fmri/refreshed/trial"][()].tolist(),
+                             file["fmri/refreshed/observed"][()].tolist(), strict=True))
+            trials["observed"] = np.array([final.get(int(t), o) for t, o in
+                                           zip(trials["trial"], trials["observed"], strict=True)])
         truth_by_trial, pool_truth = {}, None
         if "simulator/truth" in file:
             truth_by_trial = dict(zip(file["simulator/trial"][()].tolist(),
@@ -80,6 +87,11 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
         facts["n_dropped_frames"] = (int(file["display/frames/n_dropped_frames"][()].sum())
                                      if "display/frames/n_dropped_frames" in file else 0)
         facts["n_late_onsets"] = int(np.sum(trials["late"])) if "late" in trials else 0
+        if "response_delay_s" in trials and len(trials["response_delay_s"]):
+            speed = float(facts.get("speed", 1.0))
+            facts["response_delay_median_s"] = float(np.median(trials["response_delay_s"])) * speed
+            facts["trials_ahead_median"] = float(np.median(trials["trials_ahead"]))
+            facts["trials_ahead_max"] = int(np.max(trials["trials_ahead"]))
         facts["n_pauses"] = file["display/pauses"].shape[0] if "display/pauses" in file else 0
         facts["faults"] = []
         if "faults/kind" in file:
@@ -228,6 +240,12 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
              f"- display: {facts.get('display', 'headless')}; onsets more than 20 ms late: "
              f"{facts['n_late_onsets']}; fallback stimuli: {facts.get('n_fallbacks', 0)}; "
              f"dropped frames: {facts['n_dropped_frames']}; operator pauses: {facts['n_pauses']}"]
+    if "response_delay_median_s" in facts:
+        lines.append(f"- selection ran ahead of the data: a response was recorded a median of "
+                     f"{facts['response_delay_median_s']:.1f} s after its onset (in the experiment's "
+                     f"time, with the speed factor undone), when a median of "
+                     f"{facts['trials_ahead_median']:g} more trials (at most "
+                     f"{facts['trials_ahead_max']}) had been chosen and shown")
     if "display_lag_median_s" in facts:
         lines.append(f"- display lag (photodiode, median over {facts['display_lag_n_trials']} "
                      f"trials): {facts['display_lag_median_s'] * 1000:.1f} ms")
@@ -243,6 +261,9 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
         verdict.append(f"noise-free truth of the evaluation sentences: drive at percentile "
                        f"{by['drive'].truth_percentile:.1f} of the pool, suppress at percentile "
                        f"{by['suppress'].truth_percentile:.1f}.")
+    if facts["refreshed"]:
+        verdict.append("observed: each trial's GLM estimate from every volume of the run; the "
+                       "trial table keeps the estimates the controller used online.")
     lines += ["", "## Evaluation", "", "```", table, "```", "", *verdict, "",
               "Columns: n trials; observed mean response over the target channels with its 95% "
               "CI (Student t); mean predicted response; change of the observed mean from the "

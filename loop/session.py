@@ -207,6 +207,10 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
                 rig, rig_path, pool_file, experiment.pool.n_words,
                 path.with_suffix(".simulator.jsonl"), options.speed))
             simulator.start()
+        elif rig.rig.kind == "simulated_fmri":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            simulator = _start_scanner(rig, rig_path, pool_file, experiment.pool.n_words, path,
+                                       options.speed)
 
         pool, features, model_identity = load_pool_and_features(experiment, experiment_path,
                                                                 progress)
@@ -215,10 +219,15 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         outlet = MarkerOutlet(rig.lsl.marker_stream, f"neurosteer-markers-{path.stem}")
         if simulator is not None:
             simulator.wait_ready(options.simulator_ready_timeout_s)
-        inlet = DataInlet(rig.lsl.data_stream, rig.lsl.resolve_timeout_s)
-        description = inlet.description
-        targets = _target_indices(experiment, experiment_path, description)
-        photodiode_channel = _photodiode_index(rig, rig_path, description)
+        if rig.is_fmri:
+            inlet = _open_fmri_inputs(rig, rig_path, options)
+            targets = _target_rois(experiment, experiment_path, rig)
+            description, photodiode_channel = None, None
+        else:
+            inlet = DataInlet(rig.lsl.data_stream, rig.lsl.resolve_timeout_s)
+            description = inlet.description
+            targets = _target_indices(experiment, experiment_path, description)
+            photodiode_channel = _photodiode_index(rig, rig_path, description)
 
         # The display, and every sentence checked against it, before the session file exists.
         clock = LSLClock()
@@ -228,22 +237,29 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         recorder.write_metadata(
             experiment_path.read_text(encoding="utf-8"), rig_path.read_text(encoding="utf-8"),
             {"experiment_file": str(experiment_path), "rig_file": str(rig_path), "seed": seed,
-             "speed": options.speed, "kind": "dry_run" if rig.simulator else "live",
+             "speed": options.speed,
+             "kind": "dry_run" if rig.rig.kind.startswith("simulated") else "live",
+             "modality": "fmri" if rig.is_fmri else "electrophysiology",
              "display": "psychopy" if options.display else "headless",
              "started": dt.datetime.now().isoformat(timespec="seconds"),
              "model_identity": model_identity, "versions": package_versions()},
         )
         recorder.write_stimuli(pool.ids, pool.texts, pool.source)
-        recorder.add_stream(description.name, list(description.channel_names), description.sfreq,
-                            description.source_id)
-
-        response = experiment.response
-        window = ResponseWindow(response.tmin_s, response.tmax_s, *response.baseline_s)
-        responses = LSLResponses(
-            inlet, window.scaled(options.speed), clock,
-            on_chunk=lambda data, times: recorder.add_chunk(description.name, data, times),
-            photodiode_channel=photodiode_channel,
-        )
+        if options.display:
+            recorder.file.attrs["refresh_rate_hz"] = 1.0 / screen.frame_period_s
+        if rig.is_fmri:
+            responses = _start_fmri_run(experiment, rig, inlet, screen, outlet, recorder, clock,
+                                        options.speed)
+        else:
+            recorder.add_stream(description.name, list(description.channel_names),
+                                description.sfreq, description.source_id)
+            response = experiment.response
+            window = ResponseWindow(response.tmin_s, response.tmax_s, *response.baseline_s)
+            responses = LSLResponses(
+                inlet, window.scaled(options.speed), clock,
+                on_chunk=lambda data, times: recorder.add_chunk(description.name, data, times),
+                photodiode_channel=photodiode_channel,
+            )
         loop = PresentationLoop(screen, clock, outlet, _operator_keys(rig), options.speed)
         presenter = loop.presenter()
         controller = Controller(
@@ -284,6 +300,117 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         raise
     finally:
         _close(recorder, status, screen, inlet, outlet, simulator, path)
+
+
+def _start_scanner(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: int | None,
+                   path: Path, speed: float):
+    from acquisition.simulated_scanner import ScannerProcess, scanner_config
+
+    lsl_path = lsl_config_path(rig, rig_path)
+    scanner = ScannerProcess(scanner_config(
+        rig, speed, marker_stream=rig.lsl.marker_stream, pool_file=str(pool_file),
+        pool_n_words=pool_n_words, log_file=str(path.with_suffix(".simulator.jsonl")),
+        lsl_config=str(lsl_path) if lsl_path else None))
+    scanner.start()
+    return scanner
+
+
+@dataclass
+class FmriInputs:
+    """The per-TR values and the sync pulses of an fMRI run, and the responses made from them."""
+
+    subscriber: object
+    triggers: object
+    responses: object = None
+
+    def close(self) -> None:
+        if self.responses is not None:
+            self.responses.close()
+        self.triggers.close()
+        self.subscriber.close()
+
+
+def _open_fmri_inputs(rig: Rig, rig_path: Path, options: SessionOptions) -> FmriInputs:
+    """Connect to the per-TR values and open the trigger source the rig names."""
+    from acquisition import scanner
+    from acquisition.zmq_bridge import TRSubscriber
+
+    settings = rig.scanner
+    if settings.trigger == "key" and not options.display:
+        raise ConfigError(f"{rig_path}: scanner.trigger: key-press triggers are read from the "
+                          "PsychoPy window, so run with --display, or use \"serial\" or \"lsl\".")
+    try:
+        subscriber = TRSubscriber(rig.zmq.address, bind=rig.zmq.bind,
+                                  allow_remote=rig.zmq.allow_remote,
+                                  roi_names=list(rig.zmq.roi_names))
+    except ValueError as err:
+        raise ConfigError(f"{rig_path}: zmq.address: {err}") from None
+    if settings.trigger == "lsl":
+        triggers = scanner.LSLTriggerSource(settings.trigger_stream, marker_type="pulse",
+                                            timeout_s=rig.lsl.resolve_timeout_s)
+    elif settings.trigger == "serial":
+        triggers = scanner.SerialTriggerSource(settings.serial_port, settings.serial_baudrate,
+                                               settings.serial_trigger_byte)
+    else:
+        triggers = scanner.KeyTriggerSource(settings.trigger_key)
+    return FmriInputs(subscriber, triggers)
+
+
+def _target_rois(experiment: Experiment, experiment_path: Path, rig: Rig) -> list[int]:
+    names = list(rig.zmq.roi_names)
+    missing = [name for name in experiment.response.target_channels if name not in names]
+    if missing:
+        raise ConfigError(f"{experiment_path}: response.target_channels: {missing} are not ROIs "
+                          f"of the rig's zmq.roi_names {names}.")
+    return [names.index(name) for name in experiment.response.target_channels]
+
+
+def _start_fmri_run(experiment: Experiment, rig: Rig, inputs: FmriInputs, screen, outlet,
+                    recorder, clock, speed: float):
+    """Wait for the scanner's first volume and return the response source anchored to it."""
+    from acquisition.fmri import FMRIResponses, TriggerWatch
+    from acquisition.glm import OnlineGLM
+    from acquisition.scanner import TriggerCounter, TriggerCrossCheck
+
+    settings = rig.scanner
+    recorder.file.attrs.update({"tr_s": settings.tr_s, "n_dummy_scans": settings.n_dummy_scans,
+                                "roi_names": json.dumps(list(rig.zmq.roi_names))})
+    counter = TriggerCounter(settings.tr_s / speed, n_dummy_scans=settings.n_dummy_scans)
+    recorder.add_marker(clock.now(), outlet.push({"type": "waiting_for_scanner"}, clock.now()))
+    screen.set_message("Waiting for the scanner")
+    volume_zero = _wait_for_volume_zero(screen, inputs.triggers, counter, clock,
+                                        settings.first_pulse_timeout_s)
+    screen.set_message(None)
+    recorder.file.attrs["volume_zero"] = volume_zero
+    logger.info("Volume 0 started at %.3f (after %d dummy scans).", volume_zero,
+                settings.n_dummy_scans)
+
+    response = experiment.response
+    glm = OnlineGLM(len(rig.zmq.roi_names), drift_cutoff_s=response.drift_cutoff_s,
+                    estimable_after_s=response.estimable_after_s, ridge=response.glm_ridge)
+    watch = TriggerWatch(inputs.triggers, counter,
+                         TriggerCrossCheck(counter, max_delay_trs=settings.max_response_delay_trs))
+    inputs.responses = FMRIResponses(inputs.subscriber, glm, clock, volume_zero, settings.tr_s,
+                                     speed, triggers=watch, on_volume=recorder.add_volume,
+                                     on_fault=recorder.add_fault)
+    return inputs.responses
+
+
+def _wait_for_volume_zero(screen, triggers, counter, clock, timeout_s: float) -> float:
+    """Keep the screen going until the pulse of volume 0 arrives; return its time."""
+    from acquisition.scanner import TriggerTimeoutError
+
+    deadline = clock.now() + timeout_s
+    while clock.now() < deadline:
+        for pulse in triggers.poll():
+            if counter.add_pulse(pulse) == 0:
+                return pulse
+        screen.idle(clock.now() + 0.002)
+    raise TriggerTimeoutError(
+        f"No sync pulse for volume 0 within {timeout_s:g} s ({counter.n_pulses} pulses counted, "
+        f"{counter.n_dummy_scans} dummy scans expected). Start the scanner, and check the trigger "
+        "cable and the rig's [scanner] trigger settings."
+    )
 
 
 class ControllerThread(threading.Thread):
@@ -413,13 +540,15 @@ def _close(recorder, status, screen, inlet, outlet, simulator, path) -> None:
 
     if screen is not None:
         screen.close()
+    # The inputs close before the session-end marker, which stops the simulated subject: liblsl
+    # logs a broken transmission when an outlet goes before its inlet.
+    if inlet is not None:
+        inlet.close()
     if outlet is not None:
         end = {"type": "session_end", "status": status}
         text = outlet.push(end, pylsl.local_clock())
         if recorder is not None:
             recorder.add_marker(pylsl.local_clock(), text)
-    if inlet is not None:
-        inlet.close()
     if simulator is not None:
         simulator.stop()
     if outlet is not None:

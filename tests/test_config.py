@@ -104,6 +104,44 @@ def test_simulated_rig_needs_simulator(tmp_path):
         load_rig(path)
 
 
+def test_shipped_fmri_files_validate():
+    experiment = load_experiment(REPO / "experiments" / "language_drive_suppress_fmri.toml")
+    simulated = load_rig(REPO / "hardware_configs" / "simulated_fmri.toml")
+    scanner = load_rig(REPO / "hardware_configs" / "scanner_3t.toml")
+    assert experiment.response.target_channels == ["language"]
+    assert simulated.is_fmri and scanner.is_fmri
+    assert simulated.scanner.tr_s == scanner.scanner.tr_s == 2.0
+    assert scanner.scanner.trigger == "key"
+    assert scanner.zmq.address == "tcp://127.0.0.1:5570"
+
+
+def test_rsvp_words_must_fit_stimulus(tmp_path):
+    path = shipped_with(tmp_path, "word_duration_s = 0.3", "word_duration_s = 0.4")
+    path.write_text(path.read_text().replace('mode = "sentence"', 'mode = "rsvp"'))
+    with pytest.raises(ConfigError) as caught:
+        load_experiment(path)
+    assert str(caught.value) == (
+        f"{path}: (top level): presentation.word_duration_s: in rsvp mode 6 words of 0.4 s need "
+        "2.4 s, longer than timing.stimulus_duration_s (2 s). Set word_duration_s to at most "
+        "0.333 s, or lengthen the stimulus")
+
+
+def test_fmri_rig_needs_scanner_and_zmq(tmp_path):
+    path = write(tmp_path, '[rig]\nname = "x"\nkind = "fmri"\n', "rig.toml")
+    with pytest.raises(ConfigError, match=r"needs the tables \[scanner\], \[zmq\]"):
+        load_rig(path)
+
+
+def test_display_without_geometry_rejected(tmp_path):
+    text = RIG.read_text().replace("monitor_width_cm = 53.0\n", "")
+    path = write(tmp_path, text, "rig.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_rig(path)
+    assert str(caught.value) == (
+        f"{path}: display: the monitor is not described: set monitor_width_cm, or monitor_name to "
+        "a monitor saved in PsychoPy's Monitor Center (visual angles depend on them)")
+
+
 def test_settings_are_frozen():
     experiment = load_experiment(EXPERIMENT)
     with pytest.raises(Exception, match="frozen"):

@@ -14,6 +14,7 @@ def record(trial, text="Café crème für Jürgen.", condition="drive"):
     return TrialRecord(trial=trial, phase="closed_loop", block=1, condition=condition,
                        stimulus_id=f"s{trial}", text=text, due=10.0 + trial, onset=10.001 + trial,
                        late_s=0.001, late=False, fallback=False, display_lag_s=float("nan"),
+                       response_delay_s=1.2, trials_ahead=0,
                        predicted=0.5 * trial,
                        predicted_sd=0.1, observed=1.5 * trial, epoch_ok=True,
                        marker='{"type":"onset"}')
