@@ -41,14 +41,18 @@ class TriggerWatch:
     :class:`acquisition.scanner.TriggerMismatchError` instead of being shifted silently.
     """
 
-    def __init__(self, source, counter, cross_check) -> None:
+    def __init__(self, source, counter, cross_check,
+                 on_pulse: Callable[[float, int], None] | None = None) -> None:
         self.source = source
         self.counter = counter
         self.cross_check = cross_check
+        self.on_pulse = on_pulse
 
     def poll(self, now: float) -> None:
         for pulse in self.source.poll():
-            self.counter.add_pulse(pulse)
+            volume = self.counter.add_pulse(pulse)
+            if self.on_pulse is not None:
+                self.on_pulse(pulse, volume)
 
     def check(self, tr_index: int, arrival: float) -> None:
         self.cross_check.check_tr(tr_index, arrival)

@@ -13,6 +13,7 @@ import bisect
 import logging
 import math
 import os
+import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -460,6 +461,27 @@ def _default_now(clock: Clock | None) -> Callable[[], float]:
     return pylsl.local_clock
 
 
+class QueuedTriggerSource(TriggerSource):
+    """Pulses that another thread puts into a queue, such as the key presses the window's frame loop
+    takes from PsychoPy's key buffer (which only the window's thread may read)."""
+
+    def __init__(self, pulses: queue.Queue, description: str) -> None:
+        super().__init__()
+        self._pulses = pulses
+        self.description = description
+
+    def _read_pulses(self) -> list[float]:
+        pulses = []
+        while True:
+            try:
+                pulses.append(self._pulses.get_nowait())
+            except queue.Empty:
+                return pulses
+
+    def close(self) -> None:
+        """Nothing to release: the queue belongs to its producer."""
+
+
 class KeyTriggerSource(TriggerSource):
     """Pulses that arrive as a key press in PsychoPy's key buffer (``psychopy.event``).
 
@@ -471,7 +493,9 @@ class KeyTriggerSource(TriggerSource):
     NOTE: pyglet dispatches key events only when PsychoPy pumps them (at each ``Window.flip()``
     and ``event.getKeys()``), so a press is stamped up to one frame late, or later if nothing pumps.
     A buffered press is never lost between frames. A ``getKeys()`` call without a keyList elsewhere
-    would empty the buffer, pulses included.
+    would empty the buffer, pulses included. Poll it only from the window's thread, because
+    ``getKeys()`` also dispatches the window's events; sessions use :class:`QueuedTriggerSource`
+    fed by the window's frame loop instead.
     """
 
     def __init__(self, key: str = "5", clock: Clock | None = None,

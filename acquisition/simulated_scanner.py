@@ -1,9 +1,9 @@
 """The simulated scanner: sync pulses and per-TR ROI values for fMRI dry runs.
 
 Runs in its own process (``ScannerProcess``, spawn-safe). It reads onset markers from the session's
-marker stream, sends one sync pulse per TR on an LSL marker stream, and publishes each volume's ROI
-values over the ZeroMQ per-TR schema (``acquisition.zmq_bridge``), as a real-time pipeline would,
-``processing_delay_s`` after the volume's acquisition ends. The BOLD signal is the truth of every
+marker stream and sends one sync pulse per TR on an LSL marker stream. As a real-time pipeline
+would, it publishes each volume's ROI values over the ZeroMQ per-TR schema
+(``acquisition.zmq_bridge``), ``processing_delay_s`` after the volume's acquisition ends. The BOLD signal is the truth of every
 sentence shown, convolved with the canonical HRF (``acquisition.hrf``), plus a linear drift, slow
 cardiac- and respiration-like oscillations and white thermal noise. Pulses start when the session
 sends its ``waiting_for_scanner`` marker, as an operator starts the scanner. With ``volume_folder``
@@ -63,6 +63,7 @@ class ScannerConfig:
     marker_timeout_s: float = 120.0
     subscriber_timeout_s: float = 120.0
     volume_folder: str | None = None
+    follow_pulses: bool = False
 
 
 class BoldRenderer:
@@ -199,49 +200,64 @@ def run_scanner(config: ScannerConfig, ready=None, stop=None) -> None:
 
 
 def _scan(config, renderer, truth, marker_inlet, pulses, publisher, decode_marker, stop) -> None:
+    """Send pulses and volumes until the session ends.
+
+    With ``follow_pulses`` the pulses are the session's own (PsychoPy's MRI emulator presses the
+    trigger key there, and the session sends each press as a marker), so this process takes each
+    volume's time from those markers and sends no pulses itself.
+    """
     import pylsl
 
     tr_s = config.tr_s / config.speed
     delay_s = config.processing_delay_s / config.speed
-    first_pulse = None
-    n_pulses = 0
+    pulse_times: dict[int, float] = {}
+    n_session_pulses = 0
+    started = False
+    next_pulse = 0
     next_volume = 0
     with open(config.log_file, "a", encoding="utf-8") as log:
         while stop is None or not stop.is_set():
-            # Markers: the operator's start, onsets, and the end of the session.
+            # Markers: the operator's start, pulses, onsets, and the end of the session.
             markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
             for (text,), stamp in zip(markers, stamps, strict=True):
                 event = decode_marker(text)
                 if event["type"] == "session_end":
                     return
-                if event["type"] == "waiting_for_scanner" and first_pulse is None:
-                    first_pulse = pylsl.local_clock() + 0.05
-                    logger.info("Scanner started: %d dummy scans, TR %.3f s.", config.n_dummy_scans,
-                                tr_s)
-                elif event["type"] == "onset" and first_pulse is not None:
-                    volume_zero = first_pulse + config.n_dummy_scans * tr_s
-                    onset_s = (stamp - volume_zero) * config.speed
-                    value = float(truth([event["text"]])[0])
-                    amplitudes = renderer.add_onset(onset_s, event.get("duration_s", 0.5) * config.speed,
-                                                    value)
-                    log.write(json.dumps({
-                        "trial": event.get("trial"), "onset": stamp, "text": event["text"],
-                        "truth": value, "amplitudes": amplitudes.tolist(),
-                    }, ensure_ascii=False) + "\n")
-                    log.flush()
-            if first_pulse is None:
-                time.sleep(0.005)
+                if event["type"] == "waiting_for_scanner" and not started:
+                    started = True
+                    if not config.follow_pulses:
+                        first = pylsl.local_clock() + 0.05
+                        pulse_times.update({volume: first + (volume + config.n_dummy_scans) * tr_s
+                                            for volume in range(-config.n_dummy_scans, 0)})
+                        pulse_times[0] = first + config.n_dummy_scans * tr_s
+                    logger.info("Scanner started: %d dummy scans, TR %.3f s%s.",
+                                config.n_dummy_scans, tr_s,
+                                ", pulses from the session" if config.follow_pulses else "")
+                elif event["type"] == "pulse" and config.follow_pulses:
+                    pulse_times[n_session_pulses - config.n_dummy_scans] = stamp
+                    n_session_pulses += 1
+                elif event["type"] == "onset" and 0 in pulse_times:
+                    _log_onset(config, renderer, truth, log, event, stamp, pulse_times[0])
+            if not started or 0 not in pulse_times:
+                time.sleep(0.002)
                 continue
 
-            # Pulses, dummies included, each stamped with its own time.
+            # Own pulses, dummies included, each stamped with its own time.
             now = pylsl.local_clock()
-            while first_pulse + n_pulses * tr_s <= now:
-                pulses.push({"type": "pulse", "pulse": n_pulses}, first_pulse + n_pulses * tr_s)
-                n_pulses += 1
+            if not config.follow_pulses:
+                volume_zero = pulse_times[0]
+                while volume_zero + (next_pulse - config.n_dummy_scans) * tr_s <= now:
+                    volume = next_pulse - config.n_dummy_scans
+                    time_s = volume_zero + volume * tr_s
+                    pulse_times.setdefault(volume, time_s)
+                    pulses.push({"type": "pulse", "pulse": next_pulse}, time_s)
+                    next_pulse += 1
 
             # Values of each volume once it is acquired and processed; dummies are not sent.
-            while True:
-                pulse = first_pulse + (config.n_dummy_scans + next_volume) * tr_s
+            while next_volume in pulse_times:
+                pulse = pulse_times[next_volume]
+                if not config.follow_pulses and next_volume >= next_pulse - config.n_dummy_scans:
+                    break
                 if pulse + tr_s + delay_s > now:
                     break
                 # A volume's time is the middle of its acquisition, in nominal seconds from volume 0.
@@ -253,6 +269,18 @@ def _scan(config, renderer, truth, marker_inlet, pulses, publisher, decode_marke
                     write_roi_volume(Path(config.volume_folder), next_volume, values)
                 next_volume += 1
             time.sleep(0.002)
+
+
+def _log_onset(config, renderer, truth, log, event, stamp: float, volume_zero: float) -> None:
+    """Schedule an onset's response and log its noise-free amplitudes."""
+    onset_s = (stamp - volume_zero) * config.speed
+    value = float(truth([event["text"]])[0])
+    amplitudes = renderer.add_onset(onset_s, event.get("duration_s", 0.5) * config.speed, value)
+    log.write(json.dumps({
+        "trial": event.get("trial"), "onset": stamp, "text": event["text"], "truth": value,
+        "amplitudes": amplitudes.tolist(),
+    }, ensure_ascii=False) + "\n")
+    log.flush()
 
 
 def _process_main(config: ScannerConfig, ready, stop) -> None:
@@ -300,5 +328,6 @@ def scanner_config(rig, speed: float = 1.0, **wire) -> ScannerConfig:
     return ScannerConfig(
         trigger_stream=rig.scanner.trigger_stream, zmq_address=rig.zmq.address,
         roi_names=tuple(rig.zmq.roi_names), tr_s=rig.scanner.tr_s,
-        n_dummy_scans=rig.scanner.n_dummy_scans, speed=speed, **wire, **simulator,
+        n_dummy_scans=rig.scanner.n_dummy_scans, speed=speed,
+        follow_pulses=rig.scanner.trigger == "key", **wire, **simulator,
     )

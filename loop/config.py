@@ -429,6 +429,10 @@ class ScannerSettings(Settings):
     first_pulse_timeout_s: PositiveFloat = 120.0
     """How long the session waits for the first sync pulse, in seconds."""
 
+    min_response_delay_trs: NonNegativeFloat = 0.9
+    """Earliest arrival of a volume's values after its pulse, in TRs: a volume is complete one TR
+    after its pulse. Values that come sooner point to a missed first pulse."""
+
     max_response_delay_trs: PositiveFloat = 3.0
     """Latest arrival of a volume's values after its pulse, in TRs; two later ones in a row stop the run."""
 
@@ -538,9 +542,9 @@ class Rig(Settings):
         if kind == "simulated_fmri":
             if self.scanner_simulator is None:
                 raise ValueError("a rig of kind 'simulated_fmri' needs a [scanner_simulator] table")
-            if self.scanner.trigger != "lsl":
-                raise ValueError('the simulated scanner sends its pulses over LSL: set scanner.trigger '
-                                 '= "lsl"')
+            if self.scanner.trigger == "serial":
+                raise ValueError('the simulated scanner sends its pulses over LSL, or as key presses '
+                                 'from PsychoPy\'s MRI emulator: set scanner.trigger to "lsl" or "key"')
             if self.scanner_simulator.target_roi not in self.zmq.roi_names:
                 raise ValueError(f"scanner_simulator.target_roi {self.scanner_simulator.target_roi!r} "
                                  f"is not in zmq.roi_names {self.zmq.roi_names}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -113,6 +114,10 @@ class PsychoPyScreen:
         self._fixation_text = fixation_text
         self._photodiode_settings = photodiode
         self._keys = list(keys)
+        self._trigger_key: str | None = None
+        self.on_trigger: Callable[[float], None] | None = None
+        self.trigger_pulses: queue.Queue = queue.Queue()
+        """Times of the trigger key's presses on the session clock, for a QueuedTriggerSource."""
         self._window: Window | None = None
         self._fixation = None
         self._message = None
@@ -246,11 +251,35 @@ class PsychoPyScreen:
             set_text(self._message, text)
 
     def pressed_keys(self) -> list[str]:
-        """Return the operator keys pressed since the last call (PsychoPy's key buffer)."""
+        """Return the operator keys pressed since the last call (PsychoPy's key buffer).
+
+        Presses of the trigger key (:meth:`take_trigger_key`) go to :attr:`trigger_pulses` instead,
+        each with its buffer time mapped to the session clock.
+        """
         from psychopy import event
 
         self._require_open()
-        return list(event.getKeys(keyList=self._keys))
+        key_list = self._keys + ([self._trigger_key] if self._trigger_key else [])
+        operator_keys = []
+        for key, time in event.getKeys(keyList=key_list, timeStamped=True):
+            if key == self._trigger_key:
+                pulse = time + self._clock_offset_s
+                self.trigger_pulses.put(pulse)
+                if self.on_trigger is not None:
+                    self.on_trigger(pulse)
+            else:
+                operator_keys.append(key)
+        return operator_keys
+
+    def take_trigger_key(self, key: str, on_trigger: Callable[[float], None] | None = None) -> None:
+        """Route presses of ``key`` (a scanner's sync pulses) to :attr:`trigger_pulses`.
+
+        PsychoPy's key buffer may only be read by the window's thread, because reading it also
+        dispatches the window's events. ``on_trigger`` is called with each pulse's time, in that
+        thread.
+        """
+        self._trigger_key = key
+        self.on_trigger = on_trigger
 
     def close(self) -> None:
         """Close the window. A second call does nothing."""

@@ -322,11 +322,15 @@ class FmriInputs:
     subscriber: object
     triggers: object
     responses: object = None
+    emulator: object = None
 
     def close(self) -> None:
+        if self.emulator is not None:
+            self.emulator.stop()
         if self.responses is not None:
             self.responses.close()
-        self.triggers.close()
+        if self.triggers is not None:
+            self.triggers.close()
         self.subscriber.close()
 
 
@@ -352,7 +356,8 @@ def _open_fmri_inputs(rig: Rig, rig_path: Path, options: SessionOptions) -> Fmri
         triggers = scanner.SerialTriggerSource(settings.serial_port, settings.serial_baudrate,
                                                settings.serial_trigger_byte)
     else:
-        triggers = scanner.KeyTriggerSource(settings.trigger_key)
+        # Key presses are read by the window's frame loop; the source is made once it is open.
+        triggers = None
     return FmriInputs(subscriber, triggers)
 
 
@@ -370,16 +375,31 @@ def _start_fmri_run(experiment: Experiment, rig: Rig, inputs: FmriInputs, screen
     """Wait for the scanner's first volume and return the response source anchored to it."""
     from acquisition.fmri import FMRIResponses, TriggerWatch
     from acquisition.glm import OnlineGLM
-    from acquisition.scanner import TriggerCounter, TriggerCrossCheck
+    from acquisition.lsl import encode_marker
+    from acquisition.scanner import QueuedTriggerSource, TriggerCounter, TriggerCrossCheck
 
     settings = rig.scanner
     recorder.file.attrs.update({"tr_s": settings.tr_s, "n_dummy_scans": settings.n_dummy_scans,
                                 "roi_names": json.dumps(list(rig.zmq.roi_names))})
     counter = TriggerCounter(settings.tr_s / speed, n_dummy_scans=settings.n_dummy_scans)
+
+    def record_pulse(time: float, volume: int) -> None:
+        # Every pulse counted goes into the session file with its volume (negative for dummies).
+        recorder.add_marker(time, encode_marker({"type": "pulse", "volume": volume}))
+
+    if settings.trigger == "key":
+        # Key pulses also go out on the marker stream at once, from the window's thread, so that
+        # other recordings (and a key-triggered simulated scanner) see them.
+        screen.take_trigger_key(settings.trigger_key,
+                                lambda time: outlet.push({"type": "pulse"}, time))
+        inputs.triggers = QueuedTriggerSource(
+            screen.trigger_pulses, f"key {settings.trigger_key!r} in the PsychoPy window")
     recorder.add_marker(clock.now(), outlet.push({"type": "waiting_for_scanner"}, clock.now()))
     screen.set_message("Waiting for the scanner")
+    if rig.rig.kind == "simulated_fmri" and settings.trigger == "key":
+        inputs.emulator = _start_mri_emulator(settings, speed)
     volume_zero = _wait_for_volume_zero(screen, inputs.triggers, counter, clock,
-                                        settings.first_pulse_timeout_s)
+                                        settings.first_pulse_timeout_s, record_pulse)
     screen.set_message(None)
     recorder.file.attrs["volume_zero"] = volume_zero
     logger.info("Volume 0 started at %.3f (after %d dummy scans).", volume_zero,
@@ -388,22 +408,46 @@ def _start_fmri_run(experiment: Experiment, rig: Rig, inputs: FmriInputs, screen
     response = experiment.response
     glm = OnlineGLM(len(rig.zmq.roi_names), drift_cutoff_s=response.drift_cutoff_s,
                     estimable_after_s=response.estimable_after_s, ridge=response.glm_ridge)
-    watch = TriggerWatch(inputs.triggers, counter,
-                         TriggerCrossCheck(counter, max_delay_trs=settings.max_response_delay_trs))
+    cross_check = TriggerCrossCheck(counter, max_delay_trs=settings.max_response_delay_trs,
+                                    min_delay_trs=settings.min_response_delay_trs)
+    watch = TriggerWatch(inputs.triggers, counter, cross_check, on_pulse=record_pulse)
     inputs.responses = FMRIResponses(inputs.subscriber, glm, clock, volume_zero, settings.tr_s,
                                      speed, triggers=watch, on_volume=recorder.add_volume,
                                      on_fault=recorder.add_fault)
     return inputs.responses
 
 
-def _wait_for_volume_zero(screen, triggers, counter, clock, timeout_s: float) -> float:
+def _start_mri_emulator(settings, speed: float):
+    """Start PsychoPy's MRI emulator, which presses the trigger key once per TR in this process."""
+    from psychopy_mri_emulator import SyncGenerator
+
+    tr_s = settings.tr_s / speed
+    if tr_s < 0.1:
+        raise ConfigError(f"PsychoPy's MRI emulator needs a TR of 0.1 s or more, and scanner.tr_s "
+                          f"{settings.tr_s:g} s at --speed {speed:g} gives {tr_s:g} s. Lower --speed.")
+    # More volumes than any session has; the emulator is stopped when the session closes.
+    emulator = SyncGenerator(TR=tr_s, TA=tr_s, volumes=1_000_000, sync=settings.trigger_key)
+    emulator.daemon = True
+    emulator.start()
+    return emulator
+
+
+def _wait_for_volume_zero(screen, triggers, counter, clock, timeout_s: float,
+                          on_pulse) -> float:
     """Keep the screen going until the pulse of volume 0 arrives; return its time."""
     from acquisition.scanner import TriggerTimeoutError
 
     deadline = clock.now() + timeout_s
     while clock.now() < deadline:
-        for pulse in triggers.poll():
-            if counter.add_pulse(pulse) == 0:
+        # Reading the keys also routes trigger-key presses to their queue.
+        screen.pressed_keys()
+        pulses = triggers.poll()
+        for position, pulse in enumerate(pulses):
+            volume = counter.add_pulse(pulse)
+            on_pulse(pulse, volume)
+            if volume == 0:
+                # Later pulses of this poll are counted by the run's own polls.
+                triggers.unread(pulses[position + 1:])
                 return pulse
         screen.idle(clock.now() + 0.002)
     raise TriggerTimeoutError(

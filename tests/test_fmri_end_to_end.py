@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 SPEED = 10.0
 
 
-def small_fmri_experiment(tmp_path: Path, unique: str, port: int, noise: bool) -> tuple[Path, Path]:
+def small_fmri_experiment(tmp_path: Path, unique: str, port: int, noise: bool,
+                          trigger: str = "lsl") -> tuple[Path, Path]:
     experiment = (REPO / "experiments" / "language_drive_suppress_fmri.toml").read_text()
     replacements = {
         "builtin:pool_gemma3_270m_6w.txt": str(REPO / "tests" / "data" / "pool_small.txt"),
@@ -45,6 +46,7 @@ def small_fmri_experiment(tmp_path: Path, unique: str, port: int, noise: bool) -
     rig = rig.replace('"neurosteer-markers"', f'"{unique}-markers"')
     rig = rig.replace('"neurosteer-scanner-triggers"', f'"{unique}-triggers"')
     rig = rig.replace("tcp://127.0.0.1:5571", f"tcp://127.0.0.1:{port}")
+    rig = rig.replace('trigger = "lsl"', f'trigger = "{trigger}"')
     if not noise:
         for key in ("thermal_noise_sd = 0.25", "physiological_noise_sd = 0.15",
                     "drift_per_minute = 0.5"):
@@ -123,3 +125,28 @@ def test_selection_runs_ahead_of_data(noise_free_run):
     assert np.median(trials["trials_ahead"]) >= 2
     report = write_report(path)[2].read_text()
     assert "selection ran ahead of the data" in report
+
+
+@pytest.mark.display
+def test_key_triggers_from_mri_emulator(tmp_path, xvfb_display):
+    experiment, rig = small_fmri_experiment(tmp_path, "neurosteer-fmri-keys", free_port(), False,
+                                            trigger="key")
+    path = run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED,
+                                                       display=True))
+    log = [json.loads(line) for line in
+           path.with_suffix(".simulator.jsonl").read_text(encoding="utf-8").splitlines()]
+    with h5py.File(path, "r") as file:
+        assert file.attrs["status"] == "complete"
+        channels = file["trials/observed_channels"][()]
+        markers = [json.loads(text) for text in file["markers/text"].asstr()[()]]
+        marker_times = file["markers/timestamp"][()]
+        statuses = file["fmri/volumes/status"].asstr()[()]
+    pulses = [(event["volume"], time) for event, time in zip(markers, marker_times, strict=True)
+              if event["type"] == "pulse"]
+    # The emulator's key presses are counted from the first dummy scan, every TR (0.2 s here).
+    assert [volume for volume, _ in pulses[:6]] == [-4, -3, -2, -1, 0, 1]
+    # The emulator's thread keeps its own TR grid but can wake a few ms late on a busy machine.
+    np.testing.assert_allclose(np.diff([time for _, time in pulses]), 2.0 / SPEED, atol=0.015)
+    assert set(statuses) == {"on_time"}
+    amplitudes = np.array([row["amplitudes"] for row in log])
+    np.testing.assert_allclose(channels, amplitudes, atol=0.05)
