@@ -349,15 +349,25 @@ def _open_fmri_inputs(rig: Rig, rig_path: Path, options: SessionOptions) -> Fmri
                                   roi_names=list(rig.zmq.roi_names))
     except ValueError as err:
         raise ConfigError(f"{rig_path}: zmq.address: {err}") from None
-    if settings.trigger == "lsl":
-        triggers = scanner.LSLTriggerSource(settings.trigger_stream, marker_type="pulse",
-                                            timeout_s=rig.lsl.resolve_timeout_s)
-    elif settings.trigger == "serial":
-        triggers = scanner.SerialTriggerSource(settings.serial_port, settings.serial_baudrate,
-                                               settings.serial_trigger_byte)
-    else:
-        # Key presses are read by the window's frame loop; the source is made once it is open.
-        triggers = None
+    try:
+        if settings.trigger == "lsl":
+            triggers = scanner.LSLTriggerSource(settings.trigger_stream, marker_type="pulse",
+                                                timeout_s=rig.lsl.resolve_timeout_s)
+        elif settings.trigger == "serial":
+            try:
+                triggers = scanner.SerialTriggerSource(settings.serial_port,
+                                                       settings.serial_baudrate,
+                                                       settings.serial_trigger_byte)
+            except OSError as err:  # pyserial's SerialException is an OSError
+                raise ConfigError(f"{rig_path}: scanner.serial_port: failed to open "
+                                  f"{settings.serial_port!r}: {err}. Check the cable and the "
+                                  "port name.") from None
+        else:
+            # Key presses are read by the window's frame loop; the source is made once it is open.
+            triggers = None
+    except BaseException:
+        subscriber.close()
+        raise
     return FmriInputs(subscriber, triggers)
 
 
