@@ -3,13 +3,14 @@
 Runs in its own process (``ScannerProcess``, spawn-safe). It reads onset markers from the session's
 marker stream and sends one sync pulse per TR on an LSL marker stream. As a real-time pipeline
 would, it publishes each volume's ROI values over the ZeroMQ per-TR schema
-(``acquisition.zmq_bridge``), ``processing_delay_s`` after the volume's acquisition ends. The BOLD signal is the truth of every
-sentence shown, convolved with the canonical HRF (``acquisition.hrf``), plus a linear drift, slow
-cardiac- and respiration-like oscillations and white thermal noise. Pulses start when the session
-sends its ``waiting_for_scanner`` marker, as an operator starts the scanner. With ``volume_folder``
-it also writes every volume there as NIfTI, with one mask per ROI, for the volume bridge.
-NOTE: the noise is the same in every ROI's shape but independent across ROIs; real physiological
-noise is shared across the brain.
+(``acquisition.zmq_bridge``), ``processing_delay_s`` after the volume's acquisition ends. The BOLD
+signal is the truth of every sentence shown, convolved with the canonical HRF (``acquisition.hrf``),
+plus a linear drift, slow cardiac- and respiration-like oscillations and white thermal noise.
+Pulses start when the session sends its ``waiting_for_scanner`` marker, as an operator starts the
+scanner. With ``volume_folder`` it also writes every volume there as NIfTI, with one mask per ROI,
+for the volume bridge.
+NOTE: the noise has the same shape in every ROI but is independent across ROIs, whereas real
+physiological noise is shared across the brain.
 """
 
 from __future__ import annotations

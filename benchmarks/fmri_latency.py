@@ -2,9 +2,9 @@
 
 A sender thread publishes one message per TR over real ZeroMQ on 127.0.0.1 (a whole session of
 ``--n-volumes`` TRs, paced faster than real time), with a trial every two TRs. The receiver runs
-the session's chain per TR: the subscriber's poll, the TR table, the online GLM, the rank-one
-updates of the encoding model with the trials that became estimable, the pool's predictions and
-the UCB choice of the next drive stimulus. The baseline measured in the same run refits the ridge
+the session's chain per TR. It polls the subscriber, fills the TR table and updates the online GLM.
+Then it updates the encoding model with the trials that became estimable, predicts the pool and
+makes the UCB choice of the next drive stimulus. The baseline measured in the same run refits the ridge
 model from scratch on every trial so far (penalty by leave-one-out) at each TR instead.
 
     python benchmarks/fmri_latency.py [--n-volumes 600] [--pool 3000] [--dims 640]
@@ -56,8 +56,11 @@ def bold(n_volumes: int, truth: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 
 def run(n_volumes: int, n_pool: int, n_dims: int, refit: bool) -> tuple[np.ndarray, int]:
-    """Stream one session; return the latency of each TR that updated the model, in seconds, and
-    the number of TRs the receiver took more than one TR late."""
+    """Stream one session and return two results.
+
+    They are the latency of each TR that updated the model, in seconds, and the number of TRs
+    that the receiver took more than one TR late.
+    """
     rng = np.random.default_rng(0)
     features = rng.normal(size=(n_pool, n_dims)).astype(np.float32)
     n_trials = n_volumes // SOA_TRS - 8

@@ -409,7 +409,7 @@ class ScannerSettings(Settings):
     """Volumes at the start of a run that are discarded; their pulses are counted but not used."""
 
     trigger: Literal["key", "serial", "lsl"] = "key"
-    """Where sync pulses come from: a key press, a serial (TTL) line, or an LSL marker stream."""
+    """Source of the sync pulses: a key press, a serial (TTL) line, or an LSL marker stream."""
 
     trigger_key: str = "5"
     """Key the scanner's trigger box sends for each pulse."""
@@ -524,7 +524,7 @@ class Rig(Settings):
     """The MRI scanner: TR, dummy scans and sync pulses; needed by fMRI rigs."""
 
     zmq: ZmqSettings | None = None
-    """Where the per-TR ROI values come from; needed by fMRI rigs."""
+    """Source of the per-TR ROI values; needed by fMRI rigs."""
 
     scanner_simulator: ScannerSimulatorSettings | None = None
     """The simulated scanner of `simulated_fmri` rigs."""
