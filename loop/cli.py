@@ -71,6 +71,9 @@ def _cmd_run(args) -> int:
     from loop.session import SessionOptions, run_session
 
     console = Console()
+    if not console.is_terminal:
+        # Written to a file, the status line with the running means would be cut at 80 columns.
+        console = Console(width=200)
     started = time.perf_counter()
     options = SessionOptions(Path(args.output), args.speed, args.display, args.seed)
     with Progress(console) as progress:
@@ -195,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--log", default="simulator.jsonl", help="truth log (JSON lines)")
     simulate.set_defaults(handler=_cmd_simulate)
 
+    validate = commands.add_parser(
+        "validate", formatter_class=DEFAULTS,
+        help="check an experiment and a rig before a session, and print the plan")
+    validate.add_argument("experiment", nargs="?", default=str(DEFAULT_EXPERIMENT),
+                          help="experiment file (TOML)")
+    validate.add_argument("--rig", default=str(DEFAULT_RIG), help="rig file (TOML)")
+    validate.add_argument("--streams", action="store_true",
+                          help="also check that the rig's LSL streams can be found (live rigs)")
+    validate.add_argument("--display", action="store_true",
+                          help="also open the window and check every sentence's fit and glyphs")
+    validate.add_argument("--speed", type=float, default=1.0,
+                          help="show the plan's durations divided by this factor")
+    validate.set_defaults(handler=_cmd_validate)
+
     bridge = commands.add_parser(
         "bridge", formatter_class=DEFAULTS,
         help="publish per-TR ROI means of NIfTI or DICOM volumes written into a folder")
@@ -211,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.add_argument("--n-trs", type=int, default=None, help="stop after this many TRs")
     bridge.set_defaults(handler=_cmd_bridge)
     return parser
+
+
+def _cmd_validate(args) -> int:
+    from loop.validate import format_plan, validate
+
+    result = validate(Path(args.experiment), Path(args.rig), args.streams, args.display)
+    if result.plan:
+        print(format_plan(result, args.speed))
+    if result.ok:
+        print(f"\n{args.experiment} with {args.rig}: no problems found.")
+        return 0
+    print(f"\n{len(result.problems)} problem(s):", file=sys.stderr)
+    for problem in result.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 2
 
 
 def _cmd_bridge(args) -> int:

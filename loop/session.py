@@ -134,9 +134,9 @@ def _merge_simulator_log(recorder, log_file: Path, truth_file: Path) -> None:
     recorder.write_array("simulator/text", [row["text"] for row in rows], dtype=TEXT)
 
 
-def session_path(output_dir: Path, name: str) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(output_dir) / f"{name}_{stamp}.h5"
+def session_path(output_dir: Path, name: str, started: dt.datetime) -> Path:
+    """Return the session file's path, named after the experiment and the session's start."""
+    return Path(output_dir) / f"{name}_{started.strftime('%Y%m%d-%H%M%S')}.h5"
 
 
 def _check_simulated_channels(experiment: Experiment, experiment_path: Path, rig: Rig) -> None:
@@ -196,7 +196,9 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         update={"model": experiment.model.model_copy(update={"name": model_name})})
     configure_lsl(lsl_config_path(rig, rig_path))
 
-    path = session_path(options.output_dir, experiment.experiment.name)
+    # The session starts now: its file name and its "started" attribute give the same time.
+    started = dt.datetime.now()
+    path = session_path(options.output_dir, experiment.experiment.name, started)
     recorder = simulator = inlet = outlet = screen = None
     status = "aborted"
     try:
@@ -241,7 +243,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
              "kind": "dry_run" if rig.rig.kind.startswith("simulated") else "live",
              "modality": "fmri" if rig.is_fmri else "electrophysiology",
              "display": "psychopy" if options.display else "headless",
-             "started": dt.datetime.now().isoformat(timespec="seconds"),
+             "started": started.isoformat(timespec="seconds"),
              "model_identity": model_identity, "versions": package_versions()},
         )
         recorder.write_stimuli(pool.ids, pool.texts, pool.source)
