@@ -257,7 +257,13 @@ def _cmd_bridge(args) -> int:
                   file=sys.stderr)
             return 2
         masks[name] = file
-    publisher = TRPublisher(args.address, bind=True, allow_remote=args.allow_remote)
+    try:
+        publisher = TRPublisher(args.address, bind=True, allow_remote=args.allow_remote)
+    except ValueError as err:
+        print(f"neurosteer: --address: {err}".replace(
+            "set `allow_remote = true` in the [zmq] section of the rig file", "pass --allow-remote"),
+            file=sys.stderr)
+        return 2
     try:
         bridge = VolumeBridge(VolumeWatcher(args.folder, args.pattern), RoiMasks.from_files(masks),
                               publisher)

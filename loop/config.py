@@ -463,6 +463,13 @@ class ZmqSettings(Settings):
             raise ValueError("roi_names lists an ROI twice")
         return value
 
+    @model_validator(mode="after")
+    def _address_on_this_machine(self) -> ZmqSettings:
+        from acquisition.zmq_bridge import check_address
+
+        check_address(self.address, self.allow_remote)
+        return self
+
 
 class ScannerSimulatorSettings(Settings):
     target_roi: str = "language"

@@ -58,6 +58,12 @@ def inspect_session(path: Path) -> str:
             kinds = Counter(item.decode() if isinstance(item, bytes) else item
                             for item in file["model/updates/kind"][()])
             lines.append("Model updates: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+        if "markers/text" in file:
+            pulses = [json.loads(text)["volume"] for text in file["markers/text"].asstr()[()]
+                      if '"pulse"' in text]
+            if pulses:
+                lines.append(f"Scanner pulses: {len(pulses)} (volumes {min(pulses)} to "
+                             f"{max(pulses)}; negative ones are dummy scans), in markers/text")
         if "fmri/volumes/status" in file:
             statuses = Counter(file["fmri/volumes/status"].asstr()[()])
             lines.append(f"fMRI volumes: {sum(statuses.values())} ("

@@ -187,6 +187,9 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
                           "describing the screen; see docs/experiment_format.md.")
     if rig.simulator is not None:
         _check_simulated_channels(experiment, experiment_path, rig)
+    if rig.is_fmri:
+        _target_rois(experiment, experiment_path, rig)
+        _check_trigger_needs_window(rig, rig_path, options)
     model_name = resolve_model_name(experiment.model.name, experiment_path.parent)
     try:
         resolve_model_path(model_name)
@@ -342,9 +345,7 @@ def _open_fmri_inputs(rig: Rig, rig_path: Path, options: SessionOptions) -> Fmri
     from acquisition.zmq_bridge import TRSubscriber
 
     settings = rig.scanner
-    if settings.trigger == "key" and not options.display:
-        raise ConfigError(f"{rig_path}: scanner.trigger: key-press triggers are read from the "
-                          "PsychoPy window, so run with --display, or use \"serial\" or \"lsl\".")
+    _check_trigger_needs_window(rig, rig_path, options)
     try:
         subscriber = TRSubscriber(rig.zmq.address, bind=rig.zmq.bind,
                                   allow_remote=rig.zmq.allow_remote,
@@ -371,6 +372,12 @@ def _open_fmri_inputs(rig: Rig, rig_path: Path, options: SessionOptions) -> Fmri
         subscriber.close()
         raise
     return FmriInputs(subscriber, triggers)
+
+
+def _check_trigger_needs_window(rig: Rig, rig_path: Path, options: SessionOptions) -> None:
+    if rig.scanner.trigger == "key" and not options.display:
+        raise ConfigError(f"{rig_path}: scanner.trigger: key-press triggers are read from the "
+                          "PsychoPy window, so run with --display, or use \"serial\" or \"lsl\".")
 
 
 def _target_rois(experiment: Experiment, experiment_path: Path, rig: Rig) -> list[int]:
@@ -610,6 +617,14 @@ def _close(recorder, status, screen, inlet, outlet, simulator, path) -> None:
     if outlet is not None:
         outlet.close()
     if recorder is None:
+        # The session never started: remove what the simulated subject wrote, as no file refers
+        # to it.
+        if simulator is not None:
+            from acquisition.simulated import truth_file
+
+            log_file = path.with_suffix(".simulator.jsonl")
+            for leftover in (log_file, truth_file(log_file)):
+                leftover.unlink(missing_ok=True)
         return
     if simulator is not None:
         from acquisition.simulated import truth_file

@@ -132,6 +132,16 @@ def test_fmri_rig_needs_scanner_and_zmq(tmp_path):
         load_rig(path)
 
 
+def test_remote_zmq_address_rejected(tmp_path):
+    text = (REPO / "hardware_configs" / "simulated_fmri.toml").read_text()
+    path = write(tmp_path, text.replace("tcp://127.0.0.1:5571", "tcp://192.0.2.1:5571"), "rig.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_rig(path)
+    assert str(caught.value).startswith(
+        f"{path}: zmq: ZeroMQ address 'tcp://192.0.2.1:5571' is not on this machine")
+    assert "set `allow_remote = true` in the [zmq] section" in str(caught.value)
+
+
 def test_display_without_geometry_rejected(tmp_path):
     text = RIG.read_text().replace("monitor_width_cm = 53.0\n", "")
     path = write(tmp_path, text, "rig.toml")
