@@ -28,12 +28,12 @@ def small_fmri_experiment(tmp_path: Path, unique: str, port: int, noise: bool,
     experiment = (REPO / "experiments" / "language_drive_suppress_fmri.toml").read_text()
     replacements = {
         "builtin:pool_gemma3_270m_6w.txt": str(REPO / "tests" / "data" / "pool_small.txt"),
-        "n_trials = 120": "n_trials = 12",
+        "n_trials = 150": "n_trials = 12",
         "n_blocks = 3": "n_blocks = 1",
         "n_drive = 6": "n_drive = 2",
         "n_suppress = 6": "n_suppress = 2",
         "n_baseline = 6": "n_baseline = 2",
-        "n_per_condition = 30": "n_per_condition = 2",
+        "n_per_condition = 40": "n_per_condition = 2",
         "layers = [6, 9, 12, 15]": "layers = [4, 8]",
     }
     if not noise:

@@ -48,7 +48,7 @@ def test_fmri_plan_waits_for_responses():
     assert result.problems == []
     seconds = dict((phase, s) for phase, _, s in result.plan)
     # 4 s per trial, then the 4 s rest, one 2 s interval and the 12 s until the last response.
-    assert seconds["calibration"] == 120 * 4.0 + 4.0 + 2.0 + 12.0
+    assert seconds["calibration"] == 150 * 4.0 + 4.0 + 2.0 + 12.0
 
 
 def test_every_problem_listed(tmp_path):
@@ -61,7 +61,7 @@ def test_every_problem_listed(tmp_path):
            "iti_jitter_s = 1.0": "iti_jitter_s = 0.25"})
     result = validate(experiment, FMRI_RIG)
     assert result.problems == [
-        f"{experiment}: pool.file: 40 sentences, but the plan shows 264 different ones. Use a "
+        f"{experiment}: pool.file: 40 sentences, but the plan shows 324 different ones. Use a "
         "larger pool, or fewer trials.",
         f"{experiment}: response.target_channels: ['visual'] are not ROIs of the rig's "
         "zmq.roi_names ['language', 'control'].",
