@@ -105,9 +105,6 @@ class FMRIResponses:
         self._receiver = threading.Thread(target=self._receive, name="neurosteer-tr-receiver",
                                           daemon=True)
         self._receiver.start()
-        self.delays_s: dict[int, float] = {}
-        """Per trial, the time from its onset until its response was estimable, in nominal seconds."""
-        self._onsets: dict[int, float] = {}
 
     def nominal(self, time: float) -> float:
         """Return an LSL time as nominal seconds from volume 0."""
@@ -116,7 +113,6 @@ class FMRIResponses:
     def register(self, trial: int, onset: float, duration_s: float) -> None:
         """Add a trial that was shown at ``onset`` (LSL clock) for ``duration_s`` (real seconds)."""
         self.glm.add_trial(trial, self.nominal(onset), duration_s * self.speed)
-        self._onsets[trial] = onset
 
     def poll(self, timeout_s: float = 0.0) -> dict[int, np.ndarray]:
         """Take every TR that arrived and return the trials that became estimable, with responses.
@@ -145,10 +141,7 @@ class FMRIResponses:
         ready = self.glm.ready_trials()
         if not ready:
             return {}
-        estimates = self.glm.estimate(ready)
-        for trial in ready:
-            self.delays_s[trial] = self.nominal(now) - self.nominal(self._onsets[trial])
-        return dict(zip(ready, estimates, strict=True))
+        return dict(zip(ready, self.glm.estimate(ready), strict=True))
 
     def display_lag(self, onset: float) -> float:
         return float("nan")

@@ -275,16 +275,12 @@ class Controller:
     def _late_onset(self, onset) -> None:
         self.state.n_late_onsets += 1
         message = f"trial {self._trial_index} started {onset.late_s:.3f} s after its due time"
-        if self.recorder is not None:
-            self.recorder.add_fault(onset.time, "late_onset", message)
-        limit = self.experiment.timing.max_late_onsets
-        if self.state.n_late_onsets > limit:
-            raise DeadlineMissedError(
-                f"{self.state.n_late_onsets} onsets were late by more than "
-                f"{LATE_ONSET_S * 1000:.0f} ms (limit {limit}; the last one {message}). The "
-                "machine cannot keep this schedule: lengthen timing.iti_s, lower --speed, or "
-                "close other programs."
-            )
+        self._deadline_fault(
+            onset.time, "late_onset", message, self.state.n_late_onsets,
+            self.experiment.timing.max_late_onsets,
+            f"onsets were late by more than {LATE_ONSET_S * 1000:.0f} ms",
+            "The machine cannot keep this schedule: lengthen timing.iti_s, lower --speed, or "
+            "close other programs.")
 
     def _fallback_shown(self, onset, handover_s: float) -> None:
         """Count a fallback; ``handover_s`` is when the choice was handed over, from its due time."""
@@ -292,16 +288,21 @@ class Controller:
         message = (f"trial {self._trial_index}: the chosen stimulus was handed over "
                    f"{handover_s:+.3f} s from its due time, too late, so the fallback "
                    f"{onset.stimulus.stimulus_id!r} was shown")
+        self._deadline_fault(
+            onset.time, "fallback", message, self.state.n_fallbacks,
+            self.experiment.timing.max_fallbacks,
+            "choices came too late and were replaced by fallback stimuli",
+            "Selection takes longer than the interval between trials: lengthen timing.iti_s, "
+            "lower --speed, or use a smaller pool.")
+
+    def _deadline_fault(self, time: float, kind: str, message: str, count: int, limit: int,
+                        what: str, advice: str) -> None:
+        """Record one missed deadline; raise DeadlineMissedError once ``count`` passes ``limit``."""
         if self.recorder is not None:
-            self.recorder.add_fault(onset.time, "fallback", message)
-        limit = self.experiment.timing.max_fallbacks
-        if self.state.n_fallbacks > limit:
+            self.recorder.add_fault(time, kind, message)
+        if count > limit:
             raise DeadlineMissedError(
-                f"{self.state.n_fallbacks} choices came too late and were replaced by fallback "
-                f"stimuli (limit {limit}; the last one at {message}). Selection takes longer "
-                "than the interval between trials: lengthen timing.iti_s, lower --speed, or use "
-                "a smaller pool."
-            )
+                f"{count} {what} (limit {limit}; the last one: {message}). {advice}")
 
     def _prediction(self, index: int) -> tuple[float, float]:
         if self.scorer is None:

@@ -113,7 +113,6 @@ class _Stop:
 class LoopSummary:
     """Counts and pauses the loop recorded during a run, for the session file."""
 
-    n_onsets: int = 0
     n_fallbacks: int = 0
     pauses: list[tuple[float, float]] = field(default_factory=list)
     ended_by_operator: bool = False
@@ -263,7 +262,7 @@ class PresentationLoop:
         self._paused_since = None
         self.summary.pauses.append((start, now))
         self.screen.set_message(None)
-        resume_at = now + RESUME_DELAY_S / self.speed
+        resume_at = self._resume_time()
         for request in self._requests.values():
             request.due = max(request.due, resume_at)
         if self._expected is not None and self._expected.due < resume_at:
@@ -317,7 +316,6 @@ class PresentationLoop:
                           condition=condition, fallback=fallback))
 
         n_dropped_frames = self.screen.show(prepared, due, duration_s, on_onset)
-        self.summary.n_onsets += 1
         self._reports.put(FrameReport(trial=trial, offset=self.clock.now(),
                                       n_dropped_frames=n_dropped_frames))
 
