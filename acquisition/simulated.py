@@ -143,32 +143,19 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
     ``ready`` (an Event) is set once the data outlet exists, after the ground truth has loaded.
     Every onset's noise-free response goes to ``config.log_file`` as one JSON line.
     """
-    from acquisition.ground_truth import GroundTruth
     from acquisition.lsl import configure_lsl, decode_marker
 
     configure_lsl(Path(config.lsl_config) if config.lsl_config else None)
     import pylsl
 
-    from synth.pool import load_pool_file
-
-    pool = load_pool_file(Path(config.pool_file), n_words=config.pool_n_words)
-    truth = GroundTruth(pool.texts, config.readout_weight, config.surprisal_weight, config.seed,
-                        config.surprisal_model)
-    np.save(truth_file(config.log_file), truth.reference_truth(pool.texts))
+    _, truth = load_truth(config)
     renderer = EcogRenderer(config)
 
     # The marker inlet is connected before the data outlet appears, so that the controller (which
     # waits for the data stream) cannot send an onset this process would miss.
-    logger.info("Simulated subject loaded; waiting up to %.0f s for the marker stream %r.",
-                config.marker_timeout_s, config.marker_stream)
-    found = pylsl.resolve_byprop("name", config.marker_stream, 1, config.marker_timeout_s)
-    if not found:
-        logger.error("No marker stream %r within %.0f s; the simulator stops.",
-                     config.marker_stream, config.marker_timeout_s)
+    marker_inlet = open_marker_inlet(config, "Simulated subject")
+    if marker_inlet is None:
         return
-    marker_inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
-    marker_inlet.open_stream(timeout=config.marker_timeout_s)
-    marker_inlet.time_correction(timeout=config.marker_timeout_s)
 
     names = channel_names(config.n_channels, config.photodiode_lag_s is not None)
     info = pylsl.StreamInfo(config.data_stream, "ECoG", len(names), config.sfreq,
@@ -223,36 +210,73 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
     del outlet
 
 
+def load_truth(config):
+    """Load the pool and the ground truth of a simulated subject's config, and save the pool's truth.
+
+    ``config`` is a :class:`SimulatorConfig` or an ``acquisition.simulated_scanner.ScannerConfig``.
+    """
+    from acquisition.ground_truth import GroundTruth
+    from synth.pool import load_pool_file
+
+    pool = load_pool_file(Path(config.pool_file), n_words=config.pool_n_words)
+    truth = GroundTruth(pool.texts, config.readout_weight, config.surprisal_weight, config.seed,
+                        config.surprisal_model)
+    np.save(truth_file(config.log_file), truth.reference_truth(pool.texts))
+    return pool, truth
+
+
+def open_marker_inlet(config, who: str):
+    """Connect to the session's marker stream with clock correction; None if it never appears."""
+    import pylsl
+
+    logger.info("%s loaded; waiting up to %.0f s for the marker stream %r.", who,
+                config.marker_timeout_s, config.marker_stream)
+    found = pylsl.resolve_byprop("name", config.marker_stream, 1, config.marker_timeout_s)
+    if not found:
+        logger.error("No marker stream %r within %.0f s; the %s stops.", config.marker_stream,
+                     config.marker_timeout_s, who.lower())
+        return None
+    inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
+    inlet.open_stream(timeout=config.marker_timeout_s)
+    inlet.time_correction(timeout=config.marker_timeout_s)
+    return inlet
+
+
 def _process_main(config: SimulatorConfig, ready, stop) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s simulator %(message)s")
     run_simulator(config, ready, stop)
 
 
-class SimulatorProcess:
-    """The simulated subject in a child process, started with the spawn method on every OS."""
+class ChildProcess:
+    """A simulated device in a child process, started with the spawn method on every OS.
 
-    def __init__(self, config: SimulatorConfig) -> None:
+    ``target(config, ready, stop)`` runs in the child. It sets ``ready`` once it streams and
+    returns when ``stop`` is set.
+    """
+
+    def __init__(self, config, target, name: str, who: str) -> None:
         context = multiprocessing.get_context("spawn")
         self.config = config
+        self._who = who
         self._ready = context.Event()
         self._stop = context.Event()
-        self._process = context.Process(target=_process_main, args=(config, self._ready, self._stop),
-                                        name="neurosteer-simulator", daemon=True)
+        self._process = context.Process(target=target, args=(config, self._ready, self._stop),
+                                        name=name, daemon=True)
 
     def start(self) -> None:
         self._process.start()
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until the simulator streams; raise if it died or took longer than ``timeout_s``."""
+        """Block until the child streams; raise if it died or took longer than ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while not self._ready.wait(0.2):
             if not self._process.is_alive():
                 raise RuntimeError(
-                    f"The simulated subject exited with code {self._process.exitcode} before it "
+                    f"The {self._who} exited with code {self._process.exitcode} before it "
                     "started streaming; its log above says why."
                 )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"The simulated subject was not ready within {timeout_s:g} s.")
+                raise TimeoutError(f"The {self._who} was not ready within {timeout_s:g} s.")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
@@ -260,3 +284,10 @@ class SimulatorProcess:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout_s)
+
+
+class SimulatorProcess(ChildProcess):
+    """The simulated subject in a child process."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        super().__init__(config, _process_main, "neurosteer-simulator", "simulated subject")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from acquisition.hrf import event_regressors
+from acquisition.simulated import ChildProcess, load_truth, open_marker_inlet
 
 logger = logging.getLogger(__name__)
 
@@ -158,30 +158,16 @@ def run_scanner(config: ScannerConfig, ready=None, stop=None) -> None:
     ``ready`` (an Event) is set once the pulse stream and the ZeroMQ publisher exist. Every onset's
     noise-free response goes to ``config.log_file`` as one JSON line.
     """
-    from acquisition.ground_truth import GroundTruth
     from acquisition.lsl import MarkerOutlet, configure_lsl, decode_marker
-    from acquisition.simulated import truth_file
     from acquisition.zmq_bridge import TRPublisher
 
     configure_lsl(Path(config.lsl_config) if config.lsl_config else None)
-    import pylsl
-
-    from synth.pool import load_pool_file
-
-    pool = load_pool_file(Path(config.pool_file), n_words=config.pool_n_words)
-    truth = GroundTruth(pool.texts, config.readout_weight, config.surprisal_weight, config.seed,
-                        config.surprisal_model)
-    np.save(truth_file(config.log_file), truth.reference_truth(pool.texts))
+    _, truth = load_truth(config)
     renderer = BoldRenderer(config)
 
-    found = pylsl.resolve_byprop("name", config.marker_stream, 1, config.marker_timeout_s)
-    if not found:
-        logger.error("No marker stream %r within %.0f s; the simulated scanner stops.",
-                     config.marker_stream, config.marker_timeout_s)
+    marker_inlet = open_marker_inlet(config, "Simulated scanner")
+    if marker_inlet is None:
         return
-    marker_inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
-    marker_inlet.open_stream(timeout=config.marker_timeout_s)
-    marker_inlet.time_correction(timeout=config.marker_timeout_s)
     pulses = MarkerOutlet(config.trigger_stream, f"{config.trigger_stream}-{config.seed}")
     if config.volume_folder is not None:
         write_roi_masks(Path(config.volume_folder), config.roi_names)
@@ -289,38 +275,11 @@ def _process_main(config: ScannerConfig, ready, stop) -> None:
     run_scanner(config, ready, stop)
 
 
-class ScannerProcess:
-    """The simulated scanner in a child process, started with the spawn method on every OS."""
+class ScannerProcess(ChildProcess):
+    """The simulated scanner in a child process."""
 
     def __init__(self, config: ScannerConfig) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.config = config
-        self._ready = context.Event()
-        self._stop = context.Event()
-        self._process = context.Process(target=_process_main, args=(config, self._ready, self._stop),
-                                        name="neurosteer-scanner", daemon=True)
-
-    def start(self) -> None:
-        self._process.start()
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Block until the scanner publishes; raise if it died or took longer than ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while not self._ready.wait(0.2):
-            if not self._process.is_alive():
-                raise RuntimeError(
-                    f"The simulated scanner exited with code {self._process.exitcode} before it "
-                    "was ready; its log above says why."
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"The simulated scanner was not ready within {timeout_s:g} s.")
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        self._process.join(timeout_s)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(timeout_s)
+        super().__init__(config, _process_main, "neurosteer-scanner", "simulated scanner")
 
 
 def scanner_config(rig, speed: float = 1.0, **wire) -> ScannerConfig:
