@@ -7,7 +7,6 @@ lines a screenshot of the drawn text shows.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from loop.text_checks import (
     unfit_texts,
 )
 from loop.visuals import TextLook, font_path, make_text_stim
-
-WIDTH_PIX, HEIGHT_PIX = 800, 600
-MONITOR_WIDTH_CM, MONITOR_DISTANCE_CM = 40.0, 57.0
+from tests.display import (
+    open_degree_window,
+)
 
 DEJAVU = TextLook(font="DejaVu Sans", height_deg=1.5, wrap_width_deg=24.0, max_lines=None)
 NOTO = TextLook(height_deg=1.5, wrap_width_deg=24.0, max_lines=None)
@@ -68,23 +67,7 @@ MISSING_GLYPH_CASES_DEJAVU = [
 
 @pytest.fixture(scope="module")
 def window(xvfb_display: str) -> Iterator:
-    # pyglet would open a hidden shadow window at import, as the presenter notes.
-    os.environ["PYGLET_SHADOW_WINDOW"] = "0"
-    from psychopy import monitors, visual
-
-    monitor = monitors.Monitor(
-        "test-text-checks", width=MONITOR_WIDTH_CM, distance=MONITOR_DISTANCE_CM, autoLog=False
-    )
-    monitor.setSizePix([WIDTH_PIX, HEIGHT_PIX])
-    window = visual.Window(
-        size=[WIDTH_PIX, HEIGHT_PIX],
-        color="grey",
-        units="deg",
-        monitor=monitor,
-        checkTiming=False,
-        autoLog=False,
-    )
-    window.flip()
+    window = open_degree_window("test-text-checks")
     yield window
     window.close()
 

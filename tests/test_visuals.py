@@ -36,9 +36,14 @@ from loop.visuals import (
     set_text,
     visual_order,
 )
+from tests.display import (
+    HEIGHT_PIX,
+    MONITOR_DISTANCE_CM,
+    MONITOR_WIDTH_CM,
+    WIDTH_PIX,
+    open_degree_window,
+)
 
-WIDTH_PIX, HEIGHT_PIX = 800, 600
-MONITOR_WIDTH_CM, MONITOR_DISTANCE_CM = 40.0, 57.0
 BACKGROUND = 128
 # A pixel is ink when a channel differs from the grey background by more than this.
 INK_THRESHOLD = 60
@@ -56,24 +61,7 @@ LONG_SENTENCE = (
 
 @pytest.fixture(scope="module")
 def window(xvfb_display: str) -> Iterator:
-    # pyglet would open a hidden shadow window at import, as the presenter notes.
-    os.environ["PYGLET_SHADOW_WINDOW"] = "0"
-    from psychopy import monitors, visual
-
-    monitor = monitors.Monitor(
-        "test-visuals", width=MONITOR_WIDTH_CM, distance=MONITOR_DISTANCE_CM, autoLog=False
-    )
-    monitor.setSizePix([WIDTH_PIX, HEIGHT_PIX])
-    window = visual.Window(
-        size=[WIDTH_PIX, HEIGHT_PIX],
-        color="grey",
-        units="deg",
-        monitor=monitor,
-        checkTiming=False,
-        autoLog=False,
-    )
-    # The first back buffer is undefined until a flip clears it.
-    window.flip()
+    window = open_degree_window("test-visuals")
     yield window
     window.close()
 
