@@ -132,6 +132,17 @@ class EcogRenderer:
         return np.hstack([data, light]).astype(np.float32)
 
 
+def log_file_for(session_file: str | Path) -> Path:
+    """Return where a simulated subject logs its responses to a session, beside its session file."""
+    return Path(session_file).with_suffix(".simulator.jsonl")
+
+
+def read_log(log_file: str | Path) -> list[dict]:
+    """Return a simulated subject's log: one dict per onset (trial, onset, text, truth, amplitudes)."""
+    return [json.loads(line) for line in Path(log_file).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
 def truth_file(log_file: str | Path) -> Path:
     """Return where the simulator writes the truth of every pool sentence, beside its log."""
     return Path(str(log_file) + ".pool_truth.npy")

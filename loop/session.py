@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from acquisition.simulated import log_file_for, read_log, truth_file
 from loop.config import (
     Experiment,
     Rig,
@@ -117,14 +118,13 @@ def _simulator_config(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: i
     )
 
 
-def _merge_simulator_log(recorder, log_file: Path, truth_file: Path) -> None:
+def _merge_simulator_log(recorder, log_file: Path, truth_path: Path) -> None:
     """Copy the simulated subject's noise-free responses into the session file."""
-    if truth_file.exists():
-        recorder.write_array("simulator/pool_truth", np.load(truth_file, allow_pickle=False))
+    if truth_path.exists():
+        recorder.write_array("simulator/pool_truth", np.load(truth_path, allow_pickle=False))
     if not log_file.exists():
         return
-    rows = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    rows = read_log(log_file)
     if not rows:
         return
     recorder.write_array("simulator/trial", np.array([row["trial"] for row in rows]))
@@ -210,7 +210,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
             path.parent.mkdir(parents=True, exist_ok=True)
             simulator = SimulatorProcess(_simulator_config(
                 rig, rig_path, pool_file, experiment.pool.n_words,
-                path.with_suffix(".simulator.jsonl"), options.speed))
+                log_file_for(path), options.speed))
             simulator.start()
         elif rig.rig.kind == "simulated_fmri":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,7 +314,7 @@ def _start_scanner(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: int 
     lsl_path = lsl_config_path(rig, rig_path)
     scanner = ScannerProcess(scanner_config(
         rig, speed, marker_stream=rig.lsl.marker_stream, pool_file=str(pool_file),
-        pool_n_words=pool_n_words, log_file=str(path.with_suffix(".simulator.jsonl")),
+        pool_n_words=pool_n_words, log_file=str(log_file_for(path)),
         lsl_config=str(lsl_path) if lsl_path else None))
     scanner.start()
     return scanner
@@ -620,15 +620,11 @@ def _close(recorder, status, screen, inlet, outlet, simulator, path) -> None:
         # The session never started: remove what the simulated subject wrote, as no file refers
         # to it.
         if simulator is not None:
-            from acquisition.simulated import truth_file
-
-            log_file = path.with_suffix(".simulator.jsonl")
+            log_file = log_file_for(path)
             for leftover in (log_file, truth_file(log_file)):
                 leftover.unlink(missing_ok=True)
         return
     if simulator is not None:
-        from acquisition.simulated import truth_file
-
-        log_file = path.with_suffix(".simulator.jsonl")
+        log_file = log_file_for(path)
         _merge_simulator_log(recorder, log_file, truth_file(log_file))
     recorder.close(status)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from acquisition.epochs import ResponseWindow, epoch_response
+from acquisition.simulated import log_file_for, read_log
 from loop.report import read_trials, summarise, write_report
 from loop.session import SessionOptions, run_session
 
@@ -53,8 +54,7 @@ def dry_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("dry_run")
     experiment, rig = small_experiment(tmp_path, "neurosteer-e2e")
     path = run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED))
-    log = [json.loads(line) for line in
-           path.with_suffix(".simulator.jsonl").read_text(encoding="utf-8").splitlines()]
+    log = read_log(log_file_for(path))
     return path, log
 
 
@@ -179,8 +179,7 @@ def test_dry_run_with_psychopy_window(tmp_path, xvfb_display):
     experiment, rig = small_experiment(tmp_path, "neurosteer-e2e-display")
     path = run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED,
                                                        display=True))
-    log = [json.loads(line) for line in
-           path.with_suffix(".simulator.jsonl").read_text(encoding="utf-8").splitlines()]
+    log = read_log(log_file_for(path))
     with h5py.File(path, "r") as file:
         assert file.attrs["status"] == "complete"
         trials = read_trials(file)

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
+from acquisition.simulated import log_file_for, read_log
 from loop.report import read_trials, write_report
 from loop.session import SessionOptions, run_session
 
@@ -71,8 +72,7 @@ def noise_free_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("fmri")
     experiment, rig = small_fmri_experiment(tmp_path, "neurosteer-fmri-e2e", free_port(), False)
     path = run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED))
-    log = [json.loads(line) for line in
-           path.with_suffix(".simulator.jsonl").read_text(encoding="utf-8").splitlines()]
+    log = read_log(log_file_for(path))
     return path, log
 
 
@@ -133,8 +133,7 @@ def test_key_triggers_from_mri_emulator(tmp_path, xvfb_display):
                                             trigger="key")
     path = run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED,
                                                        display=True))
-    log = [json.loads(line) for line in
-           path.with_suffix(".simulator.jsonl").read_text(encoding="utf-8").splitlines()]
+    log = read_log(log_file_for(path))
     with h5py.File(path, "r") as file:
         assert file.attrs["status"] == "complete"
         channels = file["trials/observed_channels"][()]
