@@ -1,8 +1,9 @@
 """Scanner sync pulses: their sources, their count, and the check against the data's TR indices.
 
-Runs in the controller process. The pulse sources read a PsychoPy key (default '5'), an LSL marker
-stream (the simulated scanner, or a TTL-to-LSL bridge) or a serial line, and return each pulse
-with its own timestamp on the session clock (this machine's LSL clock). :class:`TriggerCounter`
+Runs in the controller process. The pulse sources read a queue of key presses that the window's
+frame loop fills (default key '5'), an LSL marker stream (the simulated scanner, or a TTL-to-LSL
+bridge) or a serial line. Each returns every pulse with its own timestamp on the session clock (this
+machine's LSL clock). :class:`TriggerCounter`
 and :class:`TriggerCrossCheck` are pure: they take times as arguments and read no clock.
 Timing alone cannot reveal every offset, and :class:`TriggerCrossCheck` documents which ones it detects.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -32,10 +32,6 @@ logger = logging.getLogger(__name__)
 # Irregular intervals are logged for the first few of each kind, then once per this many.
 REPEAT_LOG_FIRST = 5
 REPEAT_LOG_EVERY = 100
-
-# Clock readings per offset measurement, as in loop/psychopy_screen.py. Ten readings of the LSL clock
-# against perf_counter take about 3 us (Python 3.11, 2-core Xeon VM).
-N_CLOCK_READINGS = 10
 
 # The serial reader thread blocks for at most this long per read, so close() returns within it.
 SERIAL_READ_TIMEOUT_S = 0.05
@@ -435,24 +431,6 @@ class TriggerSource(ABC):
         self.close()
 
 
-def measure_clock_offset(session_now: Callable[[], float], other_now: Callable[[], float],
-                         n_readings: int = N_CLOCK_READINGS) -> tuple[float, float]:
-    """Return the session clock minus another clock, and its uncertainty, in seconds.
-
-    Each reading takes the other clock, the session clock and the other clock again. The reading
-    with the shortest gap bounds the offset most tightly, to within half that gap.
-    """
-    best_offset, best_gap = 0.0, math.inf
-    for _ in range(n_readings):
-        before = other_now()
-        session_time = session_now()
-        after = other_now()
-        if after - before < best_gap:
-            best_offset = session_time - (before + after) / 2
-            best_gap = after - before
-    return best_offset, best_gap / 2
-
-
 def _default_now(clock: Clock | None) -> Callable[[], float]:
     if clock is not None:
         return clock.now
@@ -480,56 +458,6 @@ class QueuedTriggerSource(TriggerSource):
 
     def close(self) -> None:
         """Nothing to release: the queue belongs to its producer."""
-
-
-class KeyTriggerSource(TriggerSource):
-    """Pulses that arrive as a key press in PsychoPy's key buffer (``psychopy.event``).
-
-    Each poll removes only ``key`` from the buffer, so other keys stay for their readers. A press
-    keeps the time that the buffer recorded, ``psychopy.core.getTime()`` when pyglet dispatched the
-    event (psychopy/event.py, ``_onPygletKey``, PsychoPy 2026.2). That clock is mapped to the
-    session clock with ``clock_offset_s``, measured at each poll that returns presses unless given.
-
-    NOTE: pyglet dispatches key events only when PsychoPy pumps them (at each ``Window.flip()``
-    and ``event.getKeys()``), so a press is stamped up to one frame late, or later if nothing pumps.
-    A buffered press is never lost between frames. A ``getKeys()`` call without a keyList elsewhere
-    would empty the buffer, pulses included. Poll it only from the window's thread, because
-    ``getKeys()`` also dispatches the window's events; sessions use :class:`QueuedTriggerSource`
-    fed by the window's frame loop instead.
-    """
-
-    def __init__(self, key: str = "5", clock: Clock | None = None,
-                 clock_offset_s: float | None = None) -> None:
-        super().__init__()
-        if not key:
-            raise ValueError("key must be a key name such as '5', got an empty string.")
-        # pyglet would open a hidden shadow window at import, which fails without a display.
-        os.environ["PYGLET_SHADOW_WINDOW"] = "0"
-        from psychopy import core, event
-
-        self.key = key
-        self.description = f"key {key!r} in PsychoPy's key buffer"
-        self._event = event
-        self._buffer_now = core.getTime
-        self._session_now = _default_now(clock)
-        self._fixed_offset = clock_offset_s is not None
-        self.clock_offset_s = clock_offset_s if clock_offset_s is not None else self._measure_offset()
-        """Session clock minus the key buffer's clock in seconds, as used by the last poll."""
-
-    def _read_pulses(self) -> list[float]:
-        presses = self._event.getKeys(keyList=[self.key], timeStamped=True)
-        if not presses:
-            return []
-        if not self._fixed_offset:
-            self.clock_offset_s = self._measure_offset()
-        return [float(press_time) + self.clock_offset_s for _, press_time in presses]
-
-    def _measure_offset(self) -> float:
-        offset_s, _ = measure_clock_offset(self._session_now, self._buffer_now)
-        return offset_s
-
-    def close(self) -> None:
-        """Nothing to release: the key buffer belongs to PsychoPy."""
 
 
 class LSLTriggerSource(TriggerSource):

@@ -365,6 +365,50 @@ def test_operator_keys_read_from_window(rig: Rig) -> None:
 
 
 @pytest.mark.display
+def test_trigger_key_routed_to_queue(rig: Rig) -> None:
+    from psychopy import event
+
+    from acquisition.scanner import QueuedTriggerSource
+
+    echoed: list[float] = []
+    rig.screen.take_trigger_key("5", echoed.append)
+    source = QueuedTriggerSource(rig.screen.trigger_pulses, "key '5'")
+    event.getKeys()
+    for key in ("5", "a", "5", "p", "5"):
+        event._onPygletKey(key, 0, emulated=True)
+    presses = [(key, press_time) for key, _, press_time in event._keyBuffer]
+
+    assert rig.screen.pressed_keys() == ["p"]
+
+    expected = [press_time + rig.screen.clock_offset_s for key, press_time in presses if key == "5"]
+    assert source.poll() == expected
+    assert echoed == expected
+    # Keys that are neither operator keys nor the trigger stay in the buffer for their readers.
+    assert [(key, press_time) for key, _, press_time in event._keyBuffer] == [
+        (key, press_time) for key, press_time in presses if key == "a"]
+    assert source.poll() == []
+    event.getKeys()
+
+
+@pytest.mark.display
+def test_trigger_key_on_lsl_clock(rig: Rig) -> None:
+    from psychopy import event
+
+    rig.screen.take_trigger_key("5")
+    event.getKeys()
+    before = pylsl.local_clock()
+    event._onPygletKey("5", 0, emulated=True)
+    after = pylsl.local_clock()
+
+    rig.screen.pressed_keys()
+
+    pulse = rig.screen.trigger_pulses.get_nowait()
+    # The screen measured its clock offset to within microseconds when it opened, so 1 ms covers
+    # the offset and the time between the clock reads and the press.
+    assert before - 0.001 <= pulse <= after + 0.001
+
+
+@pytest.mark.display
 def test_message_replaces_fixation(rig: Rig) -> None:
     rig.screen.set_message("Rest for a moment.")
     rig.screen.idle(0.0)

@@ -13,7 +13,6 @@ from acquisition.lsl import MarkerOutlet
 from acquisition.scanner import (
     IntervalKind,
     IrregularInterval,
-    KeyTriggerSource,
     LSLTriggerSource,
     SerialTriggerSource,
     TriggerCounter,
@@ -287,44 +286,6 @@ def test_cross_check_rejects_bad_arguments() -> None:
 
 
 # Pulse sources
-
-
-@pytest.mark.display
-def test_key_source_drains_only_trigger_key(xvfb_display: str) -> None:
-    source = KeyTriggerSource("5", clock_offset_s=1000.0)
-    from psychopy import event
-
-    event.getKeys()
-    for key in ("5", "a", "5", "b", "5"):
-        event._onPygletKey(key, 0, emulated=True)
-    presses = [(key, press_time) for key, _, press_time in event._keyBuffer]
-
-    pulses = source.poll()
-
-    assert pulses == [press_time + 1000.0 for key, press_time in presses if key == "5"]
-    assert [(key, press_time) for key, _, press_time in event._keyBuffer] == [
-        (key, press_time) for key, press_time in presses if key != "5"
-    ]
-    assert source.poll() == []
-    event.getKeys()
-
-
-@pytest.mark.display
-def test_key_source_maps_to_lsl_clock(xvfb_display: str) -> None:
-    source = KeyTriggerSource("5")
-    from psychopy import event
-
-    event.getKeys()
-    before = pylsl.local_clock()
-    event._onPygletKey("5", 0, emulated=True)
-    after = pylsl.local_clock()
-    press_time = event._keyBuffer[-1][2]
-
-    pulses = source.poll()
-
-    assert pulses == [press_time + source.clock_offset_s]
-    # The offset is measured to within microseconds, so 1 ms covers it.
-    assert before - 0.001 <= pulses[0] <= after + 0.001
 
 
 def test_lsl_source_reads_pulse_markers(unique_name: str) -> None:
