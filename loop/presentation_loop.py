@@ -88,6 +88,7 @@ class _Present:
     due: float
     duration_s: float
     reply: queue.Queue
+    prepared: Any = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,6 @@ class PresentationLoop:
         self._commands: queue.Queue = queue.Queue()
         self._reports: queue.Queue = queue.Queue()
         self._requests: dict[int, _Present] = {}
-        self._prepared: dict[int, Any] = {}
         self._expected: _Expect | None = None
         self._fallback_prepared: Any = None
         self._fallback_onsets: dict[int, Onset] = {}
@@ -241,7 +241,7 @@ class PresentationLoop:
         if self._paused_since is not None:
             request.due = max(request.due, self._resume_time())
         self._requests[request.trial] = request
-        self._prepared[request.trial] = self.screen.prepare(request.stimulus)
+        request.prepared = self.screen.prepare(request.stimulus)
 
     # Keys
 
@@ -285,10 +285,9 @@ class PresentationLoop:
 
     def _show_request(self, request: _Present) -> None:
         del self._requests[request.trial]
-        prepared = self._prepared.pop(request.trial)
         if self._expected is not None and self._expected.trial <= request.trial:
             self._expected = self._fallback_prepared = None
-        self._show(request.trial, request.condition, request.stimulus, prepared, request.due,
+        self._show(request.trial, request.condition, request.stimulus, request.prepared, request.due,
                    request.duration_s, fallback=False, deliver=request.reply.put)
 
     def _show_fallback(self, expected: _Expect) -> None:

@@ -388,7 +388,7 @@ def test_set_text_reorders_reused_stim(window) -> None:
 
 @pytest.mark.display
 def test_hebrew_wrapped_lines_top_to_bottom(window) -> None:
-    # Three wide words, then three narrow ones, at a wrap width that holds three words of either.
+    # Three wide words, then three narrow ones, at a wrap width that fits three words of either.
     wide, narrow = SHIN * 4, VAV * 4
     three_wide_deg = _ink_width_deg(window, " ".join([wide] * 3))
     look = TextLook(font="DejaVu Sans", height_deg=2.0, wrap_width_deg=three_wide_deg + 1.0)
