@@ -29,10 +29,10 @@ estimates rank trials well, but their spread is smaller than the true spread.
 
 Speed: the trial block of the normal equations is updated in place for each volume and each trial,
 because a trial's regressor is non-zero only for its duration + 32 s after its onset. Only the drift
-columns, which change with the span, and one Cholesky solve are redone per fit. The loop of
-``tests/test_glm.py::test_update_time_at_600_volumes`` times one ``add_volume`` + ``ready_trials`` +
-``estimate`` at 600 volumes, 250 trials and 4 ROIs. On a 2-core VM without a GPU, three runs of 50
-updates took a median of 3.1 ms and at most 9 ms.
+columns, which change with the span, and one Cholesky solve are redone per fit.
+``benchmarks/fmri_latency.py`` times one ``add_volume`` + ``ready_trials`` + ``estimate`` at 600
+volumes, 250 trials and 4 ROIs. On a 2-core VM without a GPU, 50 updates took a median of 1.7 to
+2.6 ms (p99 2.0 to 3.0 ms) over two runs.
 """
 
 from __future__ import annotations

@@ -129,6 +129,33 @@ def run(n_volumes: int, n_pool: int, n_dims: int, refit: bool) -> tuple[np.ndarr
     return np.array(latencies), n_late
 
 
+def glm_update_times(n_volumes: int = 600, n_trials: int = 250, n_timed: int = 50) -> np.ndarray:
+    """Return the time of one GLM update (a volume added, ready trials estimated) at a run's end.
+
+    The GLM has 4 ROIs and ``n_trials`` trials; the last ``n_timed`` of ``n_volumes`` TRs are timed.
+    """
+    rng = np.random.default_rng(13)
+    times_s = np.arange(n_volumes) * TR_S
+    onsets_s = np.linspace(6.0, times_s[-1] - 16.0, n_trials)
+    signal = event_regressors(onsets_s, np.full(n_trials, 2.0), times_s) @ rng.normal(1.0, 0.5,
+                                                                                   (n_trials, 4))
+    values = 100.0 + signal + rng.normal(0, 0.5, signal.shape)
+    glm = OnlineGLM(4)
+    for trial, onset_s in enumerate(onsets_s):
+        glm.add_trial(trial, onset_s, 2.0)
+    for tr_index in range(n_volumes - n_timed):
+        glm.add_volume(tr_index, times_s[tr_index], values[tr_index])
+    glm.estimate(glm.ready_trials())
+
+    durations_s = []
+    for tr_index in range(n_volumes - n_timed, n_volumes):
+        start_s = time.perf_counter()
+        glm.add_volume(tr_index, times_s[tr_index], values[tr_index])
+        glm.estimate(glm.ready_trials())
+        durations_s.append(time.perf_counter() - start_s)
+    return np.array(durations_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-volumes", type=int, default=600)
@@ -148,6 +175,10 @@ def main() -> None:
         print(f"  {name:<28} {len(latency):4d} updates: median {np.median(latency) * 1000:7.1f} ms, "
               f"p99 {np.percentile(latency, 99) * 1000:7.1f} ms; TRs taken late: {n_late}")
     print(f"  ratio of medians (refit / online): {np.median(baseline) / np.median(online):.1f}x")
+    with threadpool_limits(limits=1, user_api="blas"):
+        glm = glm_update_times()
+    print(f"GLM update alone (600 volumes, 250 trials, 4 ROIs, last {len(glm)} TRs): median "
+          f"{np.median(glm) * 1000:.1f} ms, p99 {np.percentile(glm, 99) * 1000:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -235,9 +235,11 @@ def test_frames_fixation_sentence_fixation(rig: Rig) -> None:
     onset_flip = stimulus_frames[0].flip_time
     assert onset.time >= due - slack_s
     assert after[0].flip_time - onset_flip >= DURATION_S - slack_s
-    # The last stimulus frame is flipped when the offset is not yet due. Without vertical sync
-    # it may land up to a frame later than predicted.
-    assert stimulus_frames[-1].flip_time - onset_flip < DURATION_S + slack_s
+    # Each stimulus frame is drawn only while the offset is not yet due, and the last one was
+    # decided right after the flip before it. That flip's time is therefore before the offset,
+    # however late a loaded machine makes the last flip itself land.
+    assert len(stimulus_frames) >= 2
+    assert stimulus_frames[-2].flip_time - onset_flip < DURATION_S - FRAME_TOLERANCE_S
 
 
 @pytest.mark.display
