@@ -236,16 +236,16 @@ def load_truth(config):
     return pool, truth
 
 
-def open_marker_inlet(config, who: str):
+def open_marker_inlet(config, device_name: str):
     """Connect to the session's marker stream with clock correction; None if it never appears."""
     import pylsl
 
-    logger.info("%s loaded; waiting up to %.0f s for the marker stream %r.", who,
+    logger.info("%s loaded; waiting up to %.0f s for the marker stream %r.", device_name,
                 config.marker_timeout_s, config.marker_stream)
     found = pylsl.resolve_byprop("name", config.marker_stream, 1, config.marker_timeout_s)
     if not found:
         logger.error("No marker stream %r within %.0f s; the %s stops.", config.marker_stream,
-                     config.marker_timeout_s, who.lower())
+                     config.marker_timeout_s, device_name.lower())
         return None
     inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
     inlet.open_stream(timeout=config.marker_timeout_s)
@@ -265,10 +265,10 @@ class ChildProcess:
     returns when ``stop`` is set.
     """
 
-    def __init__(self, config, target, name: str, who: str) -> None:
+    def __init__(self, config, target, name: str, device_name: str) -> None:
         context = multiprocessing.get_context("spawn")
         self.config = config
-        self._who = who
+        self._device_name = device_name
         self._ready = context.Event()
         self._stop = context.Event()
         self._process = context.Process(target=target, args=(config, self._ready, self._stop),
@@ -283,11 +283,11 @@ class ChildProcess:
         while not self._ready.wait(0.2):
             if not self._process.is_alive():
                 raise RuntimeError(
-                    f"The {self._who} exited with code {self._process.exitcode} before it "
+                    f"The {self._device_name} exited with code {self._process.exitcode} before it "
                     "started streaming; its log above says why."
                 )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"The {self._who} was not ready within {timeout_s:g} s.")
+                raise TimeoutError(f"The {self._device_name} was not ready within {timeout_s:g} s.")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()

@@ -296,13 +296,13 @@ class Controller:
             "lower --speed, or use a smaller pool.")
 
     def _deadline_fault(self, time: float, kind: str, message: str, count: int, limit: int,
-                        what: str, advice: str) -> None:
+                        summary: str, advice: str) -> None:
         """Record one missed deadline; raise DeadlineMissedError once ``count`` passes ``limit``."""
         if self.recorder is not None:
             self.recorder.add_fault(time, kind, message)
         if count > limit:
             raise DeadlineMissedError(
-                f"{count} {what} (limit {limit}; the last one: {message}). {advice}")
+                f"{count} {summary} (limit {limit}; the last one: {message}). {advice}")
 
     def _prediction(self, index: int) -> tuple[float, float]:
         if self.scorer is None:
