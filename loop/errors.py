@@ -15,3 +15,7 @@ class SessionAbortedError(RuntimeError):
 
 class RunEndedError(SessionAbortedError):
     """The operator ended the run (the end key or Ctrl+C), or the display stopped."""
+
+
+class ResumeError(RuntimeError):
+    """A stopped session cannot be resumed as recorded; the message says why and what to do."""

@@ -45,6 +45,16 @@ def inspect_session(path: Path) -> str:
                 lines.append(f"  {phase:<12} {condition:<12} {count:>5}")
             late = int((trials["late_s"] > 0.020).sum())
             lines.append(f"  onsets more than 20 ms late: {late}")
+            if "epoch_ok" in trials:
+                lines.append(f"  without a response (stream gap): {int((~trials['epoch_ok']).sum())}")
+        if "resumes/from_file" in file:
+            for from_file, n_resumed in zip(file["resumes/from_file"].asstr()[()],
+                                            file["resumes/n_trials"][()], strict=True):
+                lines.append(f"Resumed from {from_file} after {n_resumed} trials")
+        if "gaps/start" in file:
+            for stream, start, end in zip(file["gaps/stream"].asstr()[()], file["gaps/start"][()],
+                                          file["gaps/end"][()], strict=True):
+                lines.append(f"Gap in stream {stream}: {start:.3f} to {end:.3f} ({end - start:.2f} s)")
 
         for name, group in file.get("streams", {}).items():
             n_samples = group["timestamps"].shape[0]

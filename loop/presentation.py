@@ -27,6 +27,9 @@ class Stimulus:
     stimulus_id: str
     text: str
     image: np.ndarray | str | Path | None = None
+    # Where the image is stored for other programs (the simulated subject reads it from there);
+    # onset markers carry it.
+    image_file: str | None = None
 
     @property
     def is_image(self) -> bool:
@@ -94,7 +97,7 @@ def onset_marker(trial: int, condition: str, stimulus: Stimulus, duration_s: flo
         "stimulus_id": stimulus.stimulus_id,
         "text": stimulus.text,
         "duration_s": duration_s,
-    }
+    } | ({"image_file": stimulus.image_file} if stimulus.image_file else {})
 
 
 class HeadlessPresenter:

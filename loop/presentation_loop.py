@@ -110,6 +110,11 @@ class _Stop:
     pass
 
 
+@dataclass(frozen=True)
+class _Withdraw:
+    """Cancel the announced slot: no fallback is shown until the next announcement."""
+
+
 @dataclass
 class LoopSummary:
     """Counts and pauses the loop recorded during a run, for the session file."""
@@ -229,6 +234,8 @@ class PresentationLoop:
             elif isinstance(command, _Message):
                 self._message_until = self.clock.now() + command.duration_s
                 self.screen.set_message(command.text)
+            elif isinstance(command, _Withdraw):
+                self._expected = self._fallback_prepared = None
             elif isinstance(command, _Stop):
                 self._stopped = True
 
@@ -365,6 +372,11 @@ class QueuedPresenter:
     def show_message(self, text: str, duration_s: float) -> None:
         """Show ``text`` in place of fixation for ``duration_s``."""
         self._commands.put(_Message(text, duration_s))
+
+    def withdraw(self) -> None:
+        """Cancel the announced slot, e.g. while the data stream is stalled: nothing is shown in
+        it unless the controller hands a stimulus over."""
+        self._commands.put(_Withdraw())
 
     def take_reports(self) -> list[FrameReport]:
         """Return the frame reports of the stimuli that have ended since the last call."""

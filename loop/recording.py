@@ -3,12 +3,18 @@
 Runs in the controller process; the control loop calls it between trials, never inside a display
 frame. Tables are groups of resizable one-dimensional datasets (one per column), so a session that
 stops early leaves every completed row readable. Text is stored as UTF-8, byte for byte as shown.
+
+Each trial also goes, before the HDF5 row, to a journal beside the file: one JSON line per trial,
+synced to disk. A crash can leave the HDF5 file unreadable, but not a line already synced; the
+journal is what ``neurosteer resume`` falls back on (``loop/recovery.py``). It is removed when a
+session completes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -26,7 +32,9 @@ class TrialRecord:
     """One row of the trial table.
 
     ``late`` marks an onset more than 20 ms after its due time, ``fallback`` a trial that showed
-    the fallback stimulus because the choice came too late, and ``display_lag_s`` the photodiode's
+    the fallback stimulus because the choice came too late, ``epoch_ok`` False a trial whose
+    response window overlapped a gap in the stream (its ``observed`` is NaN and the model never
+    learned from it), and ``display_lag_s`` the photodiode's
     delay after the onset (NaN without a photodiode channel). ``response_delay_s`` is the time
     from the onset until the response was recorded, and ``trials_ahead`` the trials shown after
     this one by then: how far selection ran ahead of the data.
@@ -86,10 +94,27 @@ class Table:
         return self.group[names[0]].shape[0] if names else 0
 
 
-class SessionRecorder:
-    """Writes one session to ``path``; refuses to overwrite an existing file."""
+def journal_path_for(session_file: str | Path) -> Path:
+    """Return the path of a session file's trial journal."""
+    return Path(session_file).with_suffix(".journal.jsonl")
 
-    def __init__(self, path: Path) -> None:
+
+def _json_safe(value):
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+class SessionRecorder:
+    """Writes one session to ``path``; refuses to overwrite an existing file.
+
+    ``copy_from`` is an open session file whose readable groups, all but its trials, start the
+    new file (a resumed session, which adds the recovered trials itself).
+    """
+
+    def __init__(self, path: Path, copy_from: h5py.File | None = None) -> None:
         self.path = Path(path)
         if self.path.exists():
             raise FileExistsError(
@@ -100,16 +125,43 @@ class SessionRecorder:
         # The default (earliest) file format has no "open for write" flag, so a file left by a crash
         # opens without h5clear.
         self.file = h5py.File(self.path, "w")
+        self.damage: list[str] = []
+        if copy_from is not None:
+            self._copy(copy_from)
         self.file.attrs["format_version"] = FORMAT_VERSION
         self.file.attrs["status"] = "running"
-        self._trials = Table(self.file.create_group("trials"))
-        self._updates = Table(self.file.create_group("model/updates"))
-        self._faults = Table(self.file.create_group("faults"))
-        self._markers = Table(self.file.create_group("markers"))
-        self._layers = Table(self.file.create_group("model/layer_selection"))
-        self._frames = Table(self.file.create_group("display/frames"))
+        self._trials = Table(self.file.require_group("trials"))
+        self._checkpoints = Table(self.file.require_group("checkpoints"))
+        self._updates = Table(self.file.require_group("model/updates"))
+        self._faults = Table(self.file.require_group("faults"))
+        self._markers = Table(self.file.require_group("markers"))
+        self._layers = Table(self.file.require_group("model/layer_selection"))
+        self._frames = Table(self.file.require_group("display/frames"))
+        self._gaps = Table(self.file.require_group("gaps"))
         self._volumes: Table | None = None
+        self._image_ids: set[str] = set()
+        if "stimuli/image" in self.file:
+            self._image_ids = set(self.file["stimuli/stimulus_id"].asstr()[()])
         self._streams: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        for name, group in self.file.get("streams", {}).items():
+            self._streams[name] = (group["data"], group["timestamps"])
+        self.journal_path = journal_path_for(self.path)
+        self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _copy(self, source: h5py.File) -> None:
+        """Copy every readable object of ``source``; name each unreadable one in ``self.damage``."""
+        for key, value in source.attrs.items():
+            self.file.attrs[key] = value
+        for name in source:
+            if name in ("trials", "checkpoints"):
+                # The resumed session adds its recovered trials again, to this file and its journal.
+                continue
+            try:
+                source.copy(source[name], self.file, name)
+            except Exception as err:  # noqa: BLE001  any HDF5 damage: recorded, never raised
+                self.damage.append(f"{name}: {err}")
+                if name in self.file:
+                    del self.file[name]
 
     def write_metadata(self, experiment_text: str, rig_text: str, metadata: dict) -> None:
         """Store both configuration files verbatim and the session's metadata as JSON."""
@@ -119,12 +171,31 @@ class SessionRecorder:
         for key, value in metadata.items():
             self.file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         self.file.flush()
+        self.write_journal_header(experiment_text, rig_text, metadata)
+
+    def write_journal_header(self, experiment_text: str, rig_text: str, metadata: dict) -> None:
+        """Start the journal with what a resume needs if the HDF5 file is lost."""
+        header = {"metadata": {key: _json_safe(value) for key, value in metadata.items()},
+                  "experiment_text": experiment_text, "rig_text": rig_text}
+        self._journal.write(json.dumps(header, ensure_ascii=False) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
 
     def write_stimuli(self, ids: list[str], texts: list[str], source: str) -> None:
         group = self.file.create_group("stimuli")
         group.attrs["source"] = source
         group.create_dataset("stimulus_id", data=ids, dtype=TEXT)
         group.create_dataset("text", data=texts, dtype=TEXT)
+
+    def add_image(self, stimulus_id: str, image: np.ndarray, label: str, kind: str) -> None:
+        """Store one image a vision session may show, once, in ``stimuli/`` (pixels as uint8)."""
+        if stimulus_id in self._image_ids:
+            return
+        self._image_ids.add(stimulus_id)
+        Table(self.file.require_group("stimuli")).append(
+            {"stimulus_id": stimulus_id, "label": label, "kind": kind,
+             "image": np.asarray(image, dtype=np.uint8)})
+        self.file.flush()
 
     def write_array(self, name: str, data, attrs: dict | None = None, dtype=None) -> None:
         """Store one array (or string) under ``name``, replacing an earlier one."""
@@ -137,6 +208,15 @@ class SessionRecorder:
             dataset.attrs[key] = value
 
     def add_stream(self, name: str, channel_names: list[str], sfreq: float, source_id: str) -> None:
+        """Start recording a stream, or continue one copied from a resumed session's file."""
+        if name in self._streams:
+            recorded = json.loads(self.file[f"streams/{name}"].attrs["channel_names"])
+            if recorded != list(channel_names):
+                raise ValueError(
+                    f"Stream {name!r} now has channels {channel_names[:4]}... where the session "
+                    f"recorded {recorded[:4]}...: it is not the same recording. Connect the "
+                    "amplifier the session started with.")
+            return
         group = self.file.create_group(f"streams/{name}")
         group.attrs.update({"sfreq": sfreq, "source_id": source_id,
                             "channel_names": json.dumps(channel_names)})
@@ -161,11 +241,39 @@ class SessionRecorder:
     def add_marker(self, timestamp: float, text: str) -> None:
         self._markers.append({"timestamp": timestamp, "text": text})
 
-    def add_trial(self, record: TrialRecord, observed_channels: np.ndarray) -> None:
-        """Append one trial and flush the file, so that a crash keeps it."""
+    def add_trial(self, record: TrialRecord, observed_channels: np.ndarray,
+                  checkpoint: dict | None = None) -> None:
+        """Append one trial and flush the file, so that a crash keeps it.
+
+        The trial goes to the journal first (synced to disk), then to the HDF5 table.
+        ``checkpoint`` is the controller's state after the trial (its random generators), which a
+        resumed session checks its replay against.
+        """
         row = {field.name: getattr(record, field.name) for field in fields(record)}
-        row["observed_channels"] = np.asarray(observed_channels, dtype=np.float64)
+        channels = np.asarray(observed_channels, dtype=np.float64)
+        line = {"record": {key: _json_safe(value) for key, value in row.items()},
+                "observed_channels": [_json_safe(float(value)) for value in channels],
+                "checkpoint": checkpoint}
+        self._journal.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        row["observed_channels"] = channels
         self._trials.append(row)
+        if checkpoint is not None:
+            self._checkpoints.append({"trial": record.trial,
+                                      "state": json.dumps(checkpoint, sort_keys=True)})
+        self.file.flush()
+
+    def add_gap(self, stream: str, start: float, end: float) -> None:
+        """Record a gap in a stream: the last sample before it and the first after it."""
+        self._gaps.append({"stream": stream, "start": start, "end": end})
+        self.file.flush()
+
+    def add_resume(self, time: float, from_file: str, n_trials: int, damage: str) -> None:
+        """Record where a resumed session took over from its earlier file."""
+        table = Table(self.file.require_group("resumes"))
+        table.append({"time": time, "from_file": from_file, "n_trials": n_trials,
+                      "damage": damage})
         self.file.flush()
 
     def add_frame_report(self, report) -> None:
@@ -204,8 +312,15 @@ class SessionRecorder:
         return len(self._trials)
 
     def close(self, status: str = "complete") -> None:
-        """Mark the session's final status and close the file; safe to call twice."""
+        """Mark the session's final status and close the file; safe to call twice.
+
+        The journal is removed once a session is complete; otherwise it stays for a resume.
+        """
         if self.file.id.valid:
             self.file.attrs["status"] = status
             self.file.flush()
             self.file.close()
+        if not self._journal.closed:
+            self._journal.close()
+            if status == "complete":
+                self.journal_path.unlink(missing_ok=True)

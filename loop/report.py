@@ -93,6 +93,15 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
             facts["trials_ahead_median"] = float(np.median(trials["trials_ahead"]))
             facts["trials_ahead_max"] = int(np.max(trials["trials_ahead"]))
         facts["n_pauses"] = file["display/pauses"].shape[0] if "display/pauses" in file else 0
+        facts["gaps"] = []
+        if "gaps/start" in file:
+            facts["gaps"] = list(zip(_text_column(file["gaps/stream"]), file["gaps/start"][()],
+                                     file["gaps/end"][()], strict=True))
+        facts["resumes"] = []
+        if "resumes/n_trials" in file:
+            facts["resumes"] = list(zip(_text_column(file["resumes/from_file"]),
+                                        file["resumes/n_trials"][()].tolist(),
+                                        _text_column(file["resumes/damage"]), strict=True))
         facts["faults"] = []
         if "faults/kind" in file:
             facts["faults"] = list(zip(_text_column(file["faults/kind"]),
@@ -100,6 +109,10 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
     facts["n_trials"] = len(trials.get("trial", []))
 
     evaluation = trials["phase"] == "evaluation" if facts["n_trials"] else np.array([], bool)
+    # Trials whose response a stream gap hid are kept in the file but have no response.
+    if "epoch_ok" in trials:
+        facts["n_flagged"] = int(np.count_nonzero(~trials["epoch_ok"]))
+        evaluation = evaluation & trials["epoch_ok"]
     observed = {c: trials["observed"][evaluation & (trials["condition"] == c)]
                 for c in CONDITIONS}
     baseline = observed["baseline"]
@@ -229,6 +242,8 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
     """
     session_file = Path(session_file)
     summaries, facts = summarise(session_file)
+    if facts.get("stimuli") == "images":
+        return _write_vision_report(session_file, facts)
     table = format_table(summaries)
     figure_path = session_file.with_suffix(".png")
     report_path = session_file.with_name(session_file.stem + "_report.md")
@@ -264,6 +279,15 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
         scores = ", ".join(f"layer {k}: {v:.3f}" for k, v in cv_r.items())
         lines.append(f"- leave-one-out r by layer after {n_samples} trials: {scores}; "
                      f"chose layer {chosen}")
+    for from_file, n_trials, damage in facts["resumes"]:
+        lines.append(f"- resumed from {Path(from_file).name} after {n_trials} trials, replayed "
+                     f"from that file; damage found in it: {damage}")
+    for stream, start, end in facts["gaps"]:
+        lines.append(f"- gap in stream {stream!r}: no samples from {start:.3f} to {end:.3f} "
+                     f"({end - start:.2f} s)")
+    if facts.get("n_flagged"):
+        lines.append(f"- trials without a response (their windows overlapped a gap), left out of "
+                     f"the model and the evaluation: {facts['n_flagged']}")
     for kind, message in facts["faults"]:
         lines.append(f"- fault ({kind}): {message}")
     verdict = [f"drive > baseline > suppress in the means: "
@@ -290,3 +314,35 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
     lines += ["", f"![session figure]({figure_path.name})", ""]
     report_path.write_text("\n".join(lines), encoding="utf-8")
     return "\n".join([table, "", *verdict, *ahead]), figure_path, report_path
+
+
+def _write_vision_report(session_file: Path, facts: dict) -> tuple[str, Path, Path]:
+    """Write a vision session's report and contact sheet; see ``loop/vision_report.py``."""
+    from loop.vision_report import format_vision, summarise_vision, write_contact_sheet
+
+    results, vision = summarise_vision(session_file)
+    sheet = write_contact_sheet(results, vision, session_file.with_name(
+        session_file.stem + "_contact_sheet.png"))
+    report_path = session_file.with_name(session_file.stem + "_report.md")
+    table = format_vision(results)
+    lines = [f"# Session report: {session_file.name}", "",
+             f"- status: {facts.get('status')}; trials: {facts['n_trials']}; "
+             f"faults: {len(facts['faults'])}",
+             f"- model: {facts.get('model_identity')}; layers tried: "
+             f"{facts.get('vision_layers', '')}; chosen: {facts.get('chosen_layer')}",
+             f"- seed: {facts.get('seed')}; speed factor: {facts.get('speed')}",
+             f"- onsets more than 20 ms late: {facts['n_late_onsets']}; fallback stimuli: "
+             f"{facts.get('n_fallbacks', 0)}"]
+    for kind, message in facts["faults"]:
+        lines.append(f"- fault ({kind}): {message}")
+    lines += ["", "## Evaluation", "", "```", *table[:len(results) + 2], "```", "",
+              *table[len(results) + 3:], "",
+              "Columns: mean response over the evaluation repeats of each site's stretch image "
+              "and of the best natural image for that site (observed, then noise-free truth of "
+              "the simulated subject); the site's share of the population response to its "
+              "one-hot image and the best share of any natural image (observed, then truth).",
+              "", f"![contact sheet]({sheet.name})", ""]
+    if facts["experiment_text"]:
+        lines += ["## Experiment file", "", "```toml", facts["experiment_text"].strip(), "```", ""]
+    report_path.write_text("\n".join(lines), encoding="utf-8")
+    return "\n".join(table), sheet, report_path

@@ -21,16 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from acquisition.simulated import log_file_for, read_log, truth_file
+from acquisition.simulated_vision import natural_truth_file
 from loop.config import (
     Experiment,
     Rig,
+    effective_experiment_text,
     load_experiment,
     load_rig,
     lsl_config_path,
     resolve_data_path,
 )
-from loop.errors import ConfigError, RunEndedError, SessionAbortedError
+from loop.errors import ConfigError, ResumeError, RunEndedError, SessionAbortedError
 from loop.recording import TEXT
+from loop.recovery import resumed_path
 
 logger = logging.getLogger(__name__)
 
@@ -119,24 +122,57 @@ def _simulator_config(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: i
 
 
 def _merge_simulator_log(recorder, log_file: Path, truth_path: Path) -> None:
-    """Copy the simulated subject's noise-free responses into the session file."""
+    """Copy the simulated subject's noise-free responses into the session file.
+
+    A resumed session also takes the logs of the files it continues (``earlier_simulator_logs``);
+    a trial logged twice keeps its latest entry.
+    """
     if truth_path.exists():
         recorder.write_array("simulator/pool_truth", np.load(truth_path, allow_pickle=False))
-    if not log_file.exists():
-        return
-    rows = read_log(log_file)
+    earlier = [Path(name) for name in json.loads(recorder.file.attrs.get("earlier_simulator_logs",
+                                                                         "[]"))]
+    by_trial = {}
+    for path in [*earlier, log_file]:
+        if path.exists():
+            by_trial.update((row["trial"], row) for row in read_log(path))
+    rows = [by_trial[trial] for trial in sorted(by_trial)]
+    # The simulated vision subject logs an error, and no truth, for an image it could not read.
+    errors = [row for row in rows if "error" in row]
+    rows = [row for row in rows if "error" not in row]
+    if errors:
+        recorder.write_array("simulator/error_trial", np.array([row["trial"] for row in errors]))
+        recorder.write_array("simulator/error", [row["error"] for row in errors], dtype=TEXT)
     if not rows:
         return
     recorder.write_array("simulator/trial", np.array([row["trial"] for row in rows]))
     recorder.write_array("simulator/onset", np.array([row["onset"] for row in rows]))
     recorder.write_array("simulator/truth", np.array([row["truth"] for row in rows]))
     recorder.write_array("simulator/amplitudes", np.array([row["amplitudes"] for row in rows]))
-    recorder.write_array("simulator/text", [row["text"] for row in rows], dtype=TEXT)
+    if all("truth_raw" in row for row in rows):
+        recorder.write_array("simulator/truth_raw", np.array([row["truth_raw"] for row in rows]))
+    labels = [row.get("text", row.get("stimulus_id", "")) for row in rows]
+    recorder.write_array("simulator/text", labels, dtype=TEXT)
 
 
 def session_path(output_dir: Path, name: str, started: dt.datetime) -> Path:
     """Return the session file's path, named after the experiment and the session's start."""
     return Path(output_dir) / f"{name}_{started.strftime('%Y%m%d-%H%M%S')}.h5"
+
+
+def _check_rig_fits_stimuli(experiment: Experiment, experiment_path: Path, rig: Rig,
+                            rig_path: Path) -> None:
+    """Reject a simulated subject made for the other kind of stimuli, and images on an fMRI rig."""
+    if experiment.vision is not None and rig.simulator is not None:
+        raise ConfigError(f"{rig_path}: simulator: this simulated subject responds to sentences, "
+                          f"and {experiment_path.name} shows images. Use a rig with a "
+                          "[vision_simulator] table, e.g. hardware_configs/simulated_vision.toml.")
+    if experiment.vision is None and rig.vision_simulator is not None:
+        raise ConfigError(f"{rig_path}: vision_simulator: this simulated subject responds to "
+                          f"images, and {experiment_path.name} shows sentences. Use a rig with a "
+                          "[simulator] table, e.g. hardware_configs/simulated_ecog.toml.")
+    if experiment.vision is not None and rig.is_fmri:
+        raise ConfigError(f"{experiment_path}: vision: image experiments run on electrophysiology "
+                          "rigs (LSL); fMRI rigs are not supported for them yet.")
 
 
 def _check_simulated_channels(experiment: Experiment, experiment_path: Path, rig: Rig) -> None:
@@ -159,16 +195,22 @@ def _target_indices(experiment: Experiment, experiment_path: Path, description) 
 
 
 def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
-                progress=None) -> Path:
+                progress=None, resume=None) -> Path:
     """Run one session end to end and return the path of its session file.
 
     Everything that can fail before the first trial (files, model, pool, streams, the window and
     the sentences' fit on it) is checked before the session file is created, so a session that
     cannot start leaves no file behind. The controller runs in a worker thread while this thread
     runs the presentation loop, which PsychoPy needs in the main thread.
+
+    ``resume`` (a :class:`loop.recovery.RecoveredSession`) continues a stopped session in a new
+    file beside the old one: the new file starts with everything readable in the old one, and the
+    controller replays the recovered trials before it shows the next.
     """
+    import pylsl
+
     from acquisition.epochs import ResponseWindow
-    from acquisition.lsl import DataInlet, MarkerOutlet, configure_lsl
+    from acquisition.lsl import DataInlet, MarkerOutlet, check_clock_base, configure_lsl
     from acquisition.responses import LSLResponses
     from acquisition.simulated import SimulatorProcess
     from loop.clock import LSLClock
@@ -185,23 +227,40 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     if options.display and rig.display is None:
         raise ConfigError(f"{rig_path}: display: a run with a window needs a [display] table "
                           "describing the screen; see docs/experiment_format.md.")
+    vision = experiment.vision is not None
+    _check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)
     if rig.simulator is not None:
         _check_simulated_channels(experiment, experiment_path, rig)
+    if vision and rig.vision_simulator is not None:
+        from loop.vision_session import check_vision_channels
+
+        check_vision_channels(experiment, experiment_path, rig)
+    if vision and resume is not None:
+        raise ResumeError(f"{resume.path} is a vision session, and resuming one is not supported "
+                          "yet: its synthesis would have to be replayed on the same device. Start "
+                          "a new session; the stopped file keeps its trials.")
     if rig.is_fmri:
         _target_rois(experiment, experiment_path, rig)
         _check_trigger_needs_window(rig, rig_path, options)
-    model_name = resolve_model_name(experiment.model.name, experiment_path.parent)
-    try:
-        resolve_model_path(model_name)
-    except ModelNotFoundError as err:
-        raise ModelNotFoundError(f"{experiment_path}: model.name: {err}") from None
-    experiment = experiment.model_copy(
-        update={"model": experiment.model.model_copy(update={"name": model_name})})
+        if resume is not None:
+            raise ResumeError(f"{resume.path} is an fMRI session, and an fMRI session cannot be "
+                              "resumed: its scanner run and GLM start again. Start a new session.")
+    if not vision:
+        model_name = resolve_model_name(experiment.model.name, experiment_path.parent)
+        try:
+            resolve_model_path(model_name)
+        except ModelNotFoundError as err:
+            raise ModelNotFoundError(f"{experiment_path}: model.name: {err}") from None
+        experiment = experiment.model_copy(
+            update={"model": experiment.model.model_copy(update={"name": model_name})})
     configure_lsl(lsl_config_path(rig, rig_path))
 
     # The session starts now: its file name and its "started" attribute give the same time.
     started = dt.datetime.now()
-    path = session_path(options.output_dir, experiment.experiment.name, started)
+    if resume is None:
+        path = session_path(options.output_dir, experiment.experiment.name, started)
+    else:
+        path = resumed_path(resume.path, started.strftime("%Y%m%d-%H%M%S"))
     recorder = simulator = inlet = outlet = screen = None
     status = "aborted"
     try:
@@ -212,13 +271,28 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
                 rig, rig_path, pool_file, experiment.pool.n_words,
                 log_file_for(path), options.speed))
             simulator.start()
+        elif rig.vision_simulator is not None:
+            from loop.vision_session import start_vision_simulator
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from loop.vision_session import image_folder_for
+
+            simulator = start_vision_simulator(rig, rig_path, experiment, experiment_path,
+                                               log_file_for(path), image_folder_for(path),
+                                               options.speed)
         elif rig.rig.kind == "simulated_fmri":
             path.parent.mkdir(parents=True, exist_ok=True)
             simulator = _start_scanner(rig, rig_path, pool_file, experiment.pool.n_words, path,
                                        options.speed)
 
-        pool, features, model_identity = load_pool_and_features(experiment, experiment_path,
-                                                                progress)
+        if vision:
+            from loop.vision_session import load_images_and_features
+
+            pool, features, model_identity, extractor = load_images_and_features(
+                experiment, experiment_path, progress)
+        else:
+            pool, features, model_identity = load_pool_and_features(experiment, experiment_path,
+                                                                    progress)
 
         # Streams: the marker outlet first, so the simulated subject can find it while it loads.
         outlet = MarkerOutlet(rig.lsl.marker_stream, f"neurosteer-markers-{path.stem}")
@@ -230,6 +304,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
             description, photodiode_channel = None, None
         else:
             inlet = DataInlet(rig.lsl.data_stream, rig.lsl.resolve_timeout_s)
+            first_samples = check_clock_base(inlet, pylsl.local_clock, rig.lsl.resolve_timeout_s)
             description = inlet.description
             targets = _target_indices(experiment, experiment_path, description)
             photodiode_channel = _photodiode_index(rig, rig_path, description)
@@ -238,18 +313,27 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         clock = LSLClock()
         screen = _open_screen(experiment, experiment_path, rig, rig_path, clock, options, pool)
 
-        recorder = SessionRecorder(path)
-        recorder.write_metadata(
-            experiment_path.read_text(encoding="utf-8"), rig_path.read_text(encoding="utf-8"),
-            {"experiment_file": str(experiment_path), "rig_file": str(rig_path), "seed": seed,
-             "speed": options.speed,
-             "kind": "dry_run" if rig.rig.kind.startswith("simulated") else "live",
-             "modality": "fmri" if rig.is_fmri else "electrophysiology",
-             "display": "psychopy" if options.display else "headless",
-             "started": started.isoformat(timespec="seconds"),
-             "model_identity": model_identity, "versions": package_versions()},
-        )
-        recorder.write_stimuli(pool.ids, pool.texts, pool.source)
+        metadata = {"experiment_file": str(experiment_path), "rig_file": str(rig_path),
+                    "seed": seed, "speed": options.speed,
+                    "kind": "dry_run" if rig.rig.kind.startswith("simulated") else "live",
+                    "modality": "fmri" if rig.is_fmri else "electrophysiology",
+                    "stimuli": "images" if vision else "sentences",
+                    "display": "psychopy" if options.display else "headless",
+                    "started": started.isoformat(timespec="seconds"),
+                    "model_identity": model_identity, "versions": package_versions()}
+        experiment_text = experiment_path.read_text(encoding="utf-8")
+        rig_text = rig_path.read_text(encoding="utf-8")
+        if resume is None:
+            recorder = SessionRecorder(path)
+            recorder.write_metadata(experiment_text, rig_text, metadata)
+            if not vision:
+                recorder.write_stimuli(pool.ids, pool.texts, pool.source)
+        else:
+            recorder = resumed_recorder(path, resume, experiment_text, rig_text, metadata,
+                                         model_identity, pool, clock)
+        # With `extends`, the stored text is not the whole experiment: keep every setting too.
+        recorder.write_array("config/experiment_effective", effective_experiment_text(experiment),
+                             dtype=TEXT)
         if options.display:
             recorder.file.attrs["refresh_rate_hz"] = 1.0 / screen.frame_period_s
         if rig.is_fmri:
@@ -263,16 +347,33 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
             responses = LSLResponses(
                 inlet, window.scaled(options.speed), clock,
                 on_chunk=lambda data, times: recorder.add_chunk(description.name, data, times),
-                photodiode_channel=photodiode_channel,
+                stall_report_s=rig.lsl.stall_report_s,
+                reconnect_timeout_s=rig.lsl.reconnect_timeout_s,
+                photodiode_channel=photodiode_channel, on_fault=recorder.add_fault,
+                on_gap=lambda start, end: recorder.add_gap(description.name, start, end),
             )
         loop = PresentationLoop(screen, clock, outlet, _operator_keys(rig), options.speed)
         presenter = loop.presenter()
-        controller = Controller(
-            experiment, pool, features, targets, presenter, responses, clock,
-            np.random.default_rng(seed), recorder=recorder, speed=options.speed,
-            on_trial=progress.trial if progress is not None else None,
-            on_phase=progress.phase if progress is not None else None,
-        )
+        if not rig.is_fmri:
+            responses.take(*first_samples)
+            # While the stream is stalled, no fallback fills the next slot: it would go unrecorded.
+            responses.on_stall = presenter.withdraw
+        hooks = {"on_trial": progress.trial if progress is not None else None,
+                 "on_phase": progress.phase if progress is not None else None}
+        if vision:
+            from loop.vision_controller import VisionController
+            from loop.vision_session import ImageStore, image_folder_for
+
+            controller = VisionController(
+                experiment, pool, features, targets, presenter, responses, clock,
+                np.random.default_rng(seed), extractor,
+                ImageStore(pool, recorder, image_folder_for(path)), recorder=recorder,
+                speed=options.speed, synthesis_device=experiment.vision.synthesis.device, **hooks)
+        else:
+            controller = Controller(
+                experiment, pool, features, targets, presenter, responses, clock,
+                np.random.default_rng(seed), recorder=recorder, speed=options.speed,
+                replay=resume.trials if resume is not None else None, **hooks)
         worker = ControllerThread(controller, presenter)
         worker.start()
         try:
@@ -292,19 +393,25 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         status = "ended_by_operator"
         raise SessionAbortedError(
             f"{err} The {recorder.n_trials} completed trials are kept in {path}."
-        ) from err
+            + _resume_hint(rig, path)) from err
     except KeyboardInterrupt as err:
         n_trials = recorder.n_trials if recorder is not None else 0
         raise SessionAbortedError(
             f"Session stopped by the operator after {n_trials} trials; they are kept in {path}."
-        ) from err
+            + (_resume_hint(rig, path) if recorder is not None else "")) from err
     except Exception as err:
         if recorder is not None:
             err.add_note(f"The session stopped after {recorder.n_trials} trials; they are kept "
-                         f"in {path}.")
+                         f"in {path}." + _resume_hint(rig, path))
         raise
     finally:
         _close(recorder, status, screen, inlet, outlet, simulator, path)
+
+
+def _resume_hint(rig: Rig, path: Path) -> str:
+    if rig.is_fmri:
+        return ""
+    return f" To continue it, run: neurosteer resume {path}"
 
 
 def _start_scanner(rig: Rig, rig_path: Path, pool_file: Path, pool_n_words: int | None,
@@ -551,6 +658,9 @@ def _open_screen(experiment: Experiment, experiment_path: Path, rig: Rig, rig_pa
         (rig.display.pause_key, rig.display.end_key),
     )
     screen.open()
+    if experiment.vision is not None:
+        # Images are drawn at image_size_deg; there is no text to check.
+        return screen
     try:
         check_texts_before_run(screen.window, pool.texts, look, mode=presentation.mode,
                                word_duration_s=presentation.word_duration_s,
@@ -621,10 +731,64 @@ def _close(recorder, status, screen, inlet, outlet, simulator, path) -> None:
         # to it.
         if simulator is not None:
             log_file = log_file_for(path)
-            for leftover in (log_file, truth_file(log_file)):
+            for leftover in (log_file, truth_file(log_file), natural_truth_file(log_file)):
                 leftover.unlink(missing_ok=True)
         return
     if simulator is not None:
         log_file = log_file_for(path)
         _merge_simulator_log(recorder, log_file, truth_file(log_file))
+        natural_truth = natural_truth_file(log_file)
+        if natural_truth.exists():
+            # The simulated vision subject's noise-free responses to every natural image.
+            with np.load(natural_truth, allow_pickle=False) as arrays:
+                for name in arrays.files:
+                    recorder.write_array(f"simulator/natural/{name}", arrays[name])
     recorder.close(status)
+
+
+def resumed_recorder(path: Path, resume, experiment_text: str, rig_text: str, metadata: dict,
+                      model_identity: str, pool, clock):
+    """Open the file that continues a stopped session and add its recovered trials to it."""
+    import h5py
+
+    from loop.recording import SessionRecorder, TrialRecord
+
+    if experiment_text != resume.experiment_text or rig_text != resume.rig_text:
+        changed = "experiment" if experiment_text != resume.experiment_text else "rig"
+        raise ResumeError(
+            f"The {changed} file {metadata[f'{changed}_file']} differs from the copy stored in "
+            f"{resume.path.name}, so the session would not go on as it started. Restore the "
+            f"file (the original text is under config/{changed} in the session file).")
+    if resume.metadata.get("model_identity") not in (None, model_identity):
+        raise ResumeError(
+            f"The model files differ from the session's (identity {model_identity} where the "
+            f"session used {resume.metadata['model_identity']}). Restore the model the session "
+            "used.")
+    if resume.file_readable:
+        with h5py.File(resume.path, "r") as old:
+            recorder = SessionRecorder(path, copy_from=old)
+        recorder.write_journal_header(experiment_text, rig_text, resume.metadata)
+    else:
+        recorder = SessionRecorder(path)
+        recorder.write_metadata(experiment_text, rig_text, resume.metadata)
+    if "stimuli" not in recorder.file:
+        recorder.write_stimuli(pool.ids, pool.texts, pool.source)
+    resume.damage.extend(recorder.damage)
+    earlier = json.loads(resume.metadata.get("earlier_simulator_logs", "[]"))
+    recorder.file.attrs.update({
+        "resumed_from": str(resume.path),
+        "earlier_simulator_logs": json.dumps([*earlier, str(log_file_for(resume.path))]),
+        "versions": json.dumps(metadata["versions"])})
+    fields = TrialRecord.__dataclass_fields__
+    for row in resume.trials:
+        recorder.add_trial(TrialRecord(**{name: row[name] for name in fields}),
+                           row["observed_channels"], row["checkpoint"])
+    recorder.add_resume(clock.now(), str(resume.path), resume.n_trials, resume.damage_summary())
+    if resume.damage:
+        recorder.add_fault(clock.now(), "damaged_file",
+                           f"{resume.path.name}: {resume.damage_summary()}. The "
+                           f"{resume.n_trials} completed trials were recovered from the "
+                           f"{resume.source}.")
+    logger.info("Resuming %s after %d trials (taken from the %s) in %s.", resume.path.name,
+                resume.n_trials, resume.source, path.name)
+    return recorder

@@ -286,12 +286,15 @@ def test_lost_stream_keeps_completed_trials(tmp_path):
     from acquisition.errors import StreamLostError
 
     experiment, rig = small_experiment(tmp_path, "neurosteer-e2e-lost")
-    with pytest.raises(StreamLostError) as caught:
+    rig.write_text(rig.read_text().replace("resolve_timeout_s = 10.0",
+                                           "resolve_timeout_s = 10.0\nreconnect_timeout_s = 3.0"))
+    with pytest.raises(StreamLostError, match="neurosteer resume") as caught:
         run_session(experiment, rig, SessionOptions(tmp_path / "sessions", speed=SPEED),
                     progress=StopSubjectAt(8))
     path = next((tmp_path / "sessions").glob("*.h5"))
     assert caught.value.__notes__ == [
-        f"The session stopped after 9 trials; they are kept in {path}."]
+        f"The session stopped after 9 trials; they are kept in {path}. To continue it, run: "
+        f"neurosteer resume {path}"]
     with h5py.File(path, "r") as file:
         assert file.attrs["status"] == "aborted"
         trials = read_trials(file)
