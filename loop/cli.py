@@ -34,6 +34,7 @@ class Progress:
                                   TimeElapsedColumn(), "{task.fields[status]}", console=console)
         self._task = None
         self._sums: dict[str, list[float]] = {}
+        self._faults: dict[str, int] = {}
 
     def __enter__(self) -> Progress:
         self._progress.start()
@@ -55,13 +56,27 @@ class Progress:
         self._sums = {}
 
     def trial(self, record) -> None:
-        entry = self._sums.setdefault(record.condition, [0.0, 0.0, 0])
-        entry[0] += record.observed
-        entry[1] += 0.0 if np.isnan(record.predicted) else record.predicted
-        entry[2] += 1
-        status = "  ".join(f"{name} obs {sum_obs / n:+.2f} pred {sum_pred / n:+.2f}"
-                           for name, (sum_obs, sum_pred, n) in self._sums.items())
-        self._progress.update(self._task, advance=1, status=status)
+        if record.epoch_ok:
+            # A trial lost to a stream gap has no response to average.
+            entry = self._sums.setdefault(record.condition, [0.0, 0.0, 0])
+            entry[0] += record.observed
+            entry[1] += 0.0 if np.isnan(record.predicted) else record.predicted
+            entry[2] += 1
+        self._progress.update(self._task, advance=1, status=self._status())
+
+    def fault(self, kind: str) -> None:
+        """Count one fault of ``kind``; the status line shows the counts."""
+        self._faults[kind] = self._faults.get(kind, 0) + 1
+        if self._task is not None:
+            self._progress.update(self._task, status=self._status())
+
+    def _status(self) -> str:
+        means = "  ".join(f"{name} obs {sum_obs / n:+.2f} pred {sum_pred / n:+.2f}"
+                          for name, (sum_obs, sum_pred, n) in self._sums.items())
+        if not self._faults:
+            return means
+        faults = ", ".join(f"{kind} {count}" for kind, count in sorted(self._faults.items()))
+        return f"[red]faults: {faults}[/red]  {means}"
 
 
 def _cmd_run(args) -> int:

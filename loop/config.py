@@ -41,6 +41,9 @@ class ExperimentInfo(Settings):
     seed: int = 0
     """Seed of every random choice the controller makes (calibration set, order, jitter)."""
 
+    plugins: list[str] = []
+    """Python files (paths relative to the file listing them) that register conditions and rules."""
+
 
 class ModelSettings(Settings):
     name: str = "embedded:gemma3-270m"
@@ -208,6 +211,18 @@ class ClosedLoopSettings(Settings):
 
     n_baseline: Annotated[int, Field(ge=0)] = 12
     """Baseline trials (random pool sentences) per block."""
+
+    extra_conditions: dict[str, Annotated[int, Field(ge=1)]] = {}
+    """Registered conditions and their trials per block, e.g. `{ moderate = 6 }`; evaluated too."""
+
+    selection: str = "ucb"
+    """Registered selection rule: `ucb` (value + exploration x SD), `greedy`, or a plugin's."""
+
+    order: str = "shuffled"
+    """Registered trial order within a block: `shuffled`, `interleaved`, or a plugin's."""
+
+    stop_rule: str = "never"
+    """Registered rule that can end the closed loop after a block: `never`, or a plugin's."""
 
 
 class EvaluationSettings(Settings):
@@ -479,6 +494,9 @@ class VisionSimulatorSettings(Settings):
     baseline_s: PositiveFloat = 0.2
     """Pre-stimulus window the SNR is defined against, in seconds."""
 
+    truth_model: str = "embedded:mobilenet_v2"
+    """Network of the sites' truth: `embedded:mobilenet_v2`, `torchvision:NAME` or `timm:NAME`."""
+
     truth_layer: str = "features.10"
     """MobileNetV2 layer whose map the sites read through receptive fields (not the controller's)."""
 
@@ -746,7 +764,7 @@ EXTENDS_KEY = "extends"
 
 # Keys whose relative paths are taken relative to the file that sets them. When a base file in
 # another folder sets one, the merge makes it absolute, so that it names the same file.
-PATH_KEYS = (("pool", "file"), ("presentation", "font_file"))
+PATH_KEYS = (("pool", "file"), ("presentation", "font_file"), ("experiment", "plugins"))
 
 
 @dataclass(frozen=True)
@@ -804,6 +822,9 @@ def _make_paths_absolute(content: dict, folder: Path) -> None:
         value = section.get(key) if isinstance(section, dict) else None
         if isinstance(value, str) and not value.startswith(BUILTIN_PREFIX):
             section[key] = str(resolve_data_path(value, folder))
+        elif isinstance(value, list):
+            section[key] = [str(resolve_data_path(item, folder)) if isinstance(item, str) else item
+                            for item in value]
 
 
 def _merge(target: dict, source: dict, file: Path, prefix: tuple[str, ...],
@@ -897,7 +918,32 @@ def load_experiment(path: Path | str) -> Experiment:
     if font_file is not None and not resolve_data_path(font_file, path.parent).is_file():
         raise ConfigError(f"{merged.file_of(('presentation', 'font_file'))}: presentation.font_file: "
                           f"file {font_file} not found.")
+    _check_registered_names(experiment, path, merged)
     return experiment
+
+
+def _check_registered_names(experiment: Experiment, path: Path, merged) -> None:
+    """Import the experiment's plugins, then check every registered name it uses; list each miss."""
+    from loop import registry
+
+    plugins_file = merged.file_of(("experiment", "plugins"))
+    try:
+        registry.load_plugins([resolve_data_path(item, path.parent)
+                               for item in experiment.experiment.plugins])
+    except ImportError as err:
+        raise ConfigError(f"{plugins_file}: experiment.plugins: {err}") from None
+    loop = experiment.closed_loop
+    uses = [(("closed_loop", "selection"), loop.selection, registry.SELECTIONS),
+            (("closed_loop", "order"), loop.order, registry.ORDERS),
+            (("closed_loop", "stop_rule"), loop.stop_rule, registry.STOP_RULES)]
+    uses += [(("closed_loop", "extra_conditions", name), name, registry.CONDITIONS)
+             for name in loop.extra_conditions]
+    problems = [f"{merged.file_of(key[:2])}: {'.'.join(key)}: no {entries.kind} named {name!r} "
+                f"is registered (registered: {', '.join(entries.names())}); register it in a "
+                "plugin listed in experiment.plugins"
+                for key, name, entries in uses if name not in entries]
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def effective_experiment_text(experiment: Experiment) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from acquisition.errors import EpochLostError
+from loop import registry
 from loop.config import Experiment
 from loop.errors import DeadlineMissedError, ResumeError
 from loop.presentation import Onset, Stimulus
@@ -511,14 +512,25 @@ class Controller:
                     self.encoder.alphas[0], self.encoder.cv_r[0], self.encoder.n_samples)
 
     def _choose(self, condition: str, exploration: float) -> int:
+        """Return the next stimulus of ``condition``: its objective, then the selection rule."""
         if self.experiment.allow_repeats:
             available = np.ones(len(self.pool), dtype=bool)
         else:
             available = ~self.state.shown_mask
-        if condition == "baseline" or self.policy == "random":
+        objective = registry.CONDITIONS.get(condition).objective
+        if objective is None or self.policy == "random":
             return int(select_random(available, 1, self.rng)[0])
-        value, sd = objective_for(condition).evaluate(self.scorer.mean, self.scorer.sd)
-        return int(select_top(value, sd, available, exploration, 1)[0])
+        value, sd = objective(self.scorer.mean, self.scorer.sd)
+        rule = self.experiment.closed_loop.selection
+        if rule == "ucb":
+            return int(select_top(value, sd, available, exploration, 1)[0])
+        choice = registry.Choice(condition, value, sd, available, exploration, self.rng)
+        index = int(registry.SELECTIONS.get(rule)(choice))
+        if not available[index]:
+            raise ValueError(f"The selection rule {rule!r} chose candidate {index}, which is not "
+                             "available (already shown, or out of the pool). A rule must return "
+                             "an index where choice.available is True.")
+        return index
 
     def closed_loop(self) -> None:
         """Blocks of drive, suppress and baseline trials, updating the model after every trial.
@@ -529,10 +541,13 @@ class Controller:
         settings = self.experiment.closed_loop
         conditions = (["drive"] * settings.n_drive + ["suppress"] * settings.n_suppress
                       + ["baseline"] * settings.n_baseline)
+        for name, count in settings.extra_conditions.items():
+            conditions += [name] * count
         learning = self.policy == "closed_loop"
+        arrange = registry.ORDERS.get(settings.order)
         self._phase("closed_loop", settings.n_blocks * len(conditions))
         for block in range(1, settings.n_blocks + 1):
-            order = self.rng.permutation(conditions)
+            order = arrange(list(conditions), self.rng)
             for position, condition in enumerate(order):
                 index = self._choose(str(condition), self.experiment.encoding.exploration)
                 predicted, predicted_sd = self._prediction(index)
@@ -544,6 +559,28 @@ class Controller:
                 # The refit runs during the rest between blocks; the next block starts after both.
                 self.fit(choose_layer=self.reselect_layer)
             self._next_due = None
+            if block < settings.n_blocks and self._stop_after(block, len(order)):
+                return
+
+    def _stop_after(self, block: int, n_trials: int) -> bool:
+        """Ask the experiment's stop rule whether the closed loop ends after ``block``."""
+        rule = self.experiment.closed_loop.stop_rule
+        if rule == "never":
+            return False
+        trials = self.state.trials[-n_trials:]
+        result = registry.BlockResult(
+            block=block, n_blocks=self.experiment.closed_loop.n_blocks,
+            conditions=[record.condition for record in trials],
+            observed=[float(record.observed) for record in trials],
+            predicted=[float(record.predicted) for record in trials],
+            cv_r=float(self.encoder.cv_r[0]) if self.encoder is not None else float("nan"))
+        if not registry.STOP_RULES.get(rule)(result):
+            return False
+        logger.info("The stop rule %r ended the closed loop after block %d of %d.", rule, block,
+                    result.n_blocks)
+        if self.recorder is not None:
+            self.recorder.file.attrs["closed_loop_stopped_after_block"] = block
+        return True
 
     def evaluate(self) -> None:
         """Fresh drive, suppress and baseline sentences chosen by the final model, in mixed order."""
@@ -563,8 +600,18 @@ class Controller:
                                   available, 0.0, n)
             available[suppress] = False
             baseline = select_random(available, n, self.rng)
+            available[baseline] = False
             plan = ([("drive", i) for i in drive] + [("suppress", i) for i in suppress]
                     + [("baseline", i) for i in baseline])
+            for name in self.experiment.closed_loop.extra_conditions:
+                objective = registry.CONDITIONS.get(name).objective
+                if objective is None:
+                    chosen = select_random(available, n, self.rng)
+                else:
+                    chosen = select_top(*objective(self.scorer.mean, self.scorer.sd), available,
+                                        0.0, n)
+                available[chosen] = False
+                plan += [(name, i) for i in chosen]
         self._planned[[int(index) for _, index in plan]] = True
         order = self.rng.permutation(len(plan))
         for count, position in enumerate(order):

@@ -145,6 +145,8 @@ class SessionRecorder:
         self._streams: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
         for name, group in self.file.get("streams", {}).items():
             self._streams[name] = (group["data"], group["timestamps"])
+        # Called with each fault's kind, e.g. by the terminal progress display.
+        self.on_fault = None
         self.journal_path = journal_path_for(self.path)
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -306,6 +308,8 @@ class SessionRecorder:
         logger.warning("%s: %s", kind, message)
         self._faults.append({"time": time, "kind": kind, "message": message})
         self.file.flush()
+        if self.on_fault is not None:
+            self.on_fault(kind)
 
     @property
     def n_trials(self) -> int:

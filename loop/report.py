@@ -119,7 +119,10 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
     baseline_mean = float(np.mean(baseline)) if len(baseline) else float("nan")
     baseline_sd = float(np.std(baseline, ddof=1)) if len(baseline) > 1 else float("nan")
     summaries = []
-    for condition in CONDITIONS:
+    # Conditions a plugin registered follow the three built-in ones, in name order.
+    extra = sorted(set(trials["condition"][evaluation].tolist()) - {*CONDITIONS, "fallback"}) \
+        if facts["n_trials"] else []
+    for condition in (*CONDITIONS, *extra):
         mask = evaluation & (trials["condition"] == condition)
         values = trials["observed"][mask]
         n = len(values)

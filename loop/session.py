@@ -331,6 +331,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         else:
             recorder = resumed_recorder(path, resume, experiment_text, rig_text, metadata,
                                          model_identity, pool, clock)
+        recorder.on_fault = getattr(progress, "fault", None)
         # With `extends`, the stored text is not the whole experiment: keep every setting too.
         recorder.write_array("config/experiment_effective", effective_experiment_text(experiment),
                              dtype=TEXT)

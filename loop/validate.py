@@ -40,6 +40,10 @@ def validate(experiment_path: Path, rig_path: Path, streams: bool = False,
     if experiment is None or rig is None:
         return result
 
+    if experiment.vision is not None:
+        _check_vision(experiment, experiment_path, rig, rig_path, result)
+        result.plan = plan(experiment, rig)
+        return result
     _check_model(experiment, experiment_path, result)
     pool = _check_pool(experiment, experiment_path, result)
     _check_targets(experiment, experiment_path, rig, rig_path, result)
@@ -65,16 +69,84 @@ def plan(experiment: Experiment, rig: Rig) -> list[tuple[str, int, float]]:
     end_of_run_s = presentation.rest_duration_s + timing.iti_s + wait_s
 
     loop = experiment.closed_loop
-    per_block = loop.n_drive + loop.n_suppress + loop.n_baseline
     phases = [("instructions", 0, presentation.instructions_duration_s if presentation.instructions
-               else 0.0),
-              ("calibration", experiment.calibration.n_trials,
-               experiment.calibration.n_trials * interval_s + end_of_run_s)]
-    for block in range(1, loop.n_blocks + 1):
-        phases.append((f"closed-loop block {block}", per_block, per_block * interval_s + end_of_run_s))
-    n_evaluation = 3 * experiment.evaluation.n_per_condition
-    phases.append(("evaluation", n_evaluation, n_evaluation * interval_s + end_of_run_s))
+               else 0.0)]
+    if experiment.vision is not None:
+        runs = _vision_runs(experiment)
+    else:
+        per_block = (loop.n_drive + loop.n_suppress + loop.n_baseline
+                     + sum(loop.extra_conditions.values()))
+        n_evaluation = (3 + len(loop.extra_conditions)) * experiment.evaluation.n_per_condition
+        runs = ([("calibration", experiment.calibration.n_trials)]
+                + [(f"closed-loop block {block}", per_block)
+                   for block in range(1, loop.n_blocks + 1)]
+                + [("evaluation", n_evaluation)])
+    for name, n_trials in runs:
+        phases.append((name, n_trials, n_trials * interval_s + end_of_run_s))
     return phases
+
+
+def _vision_runs(experiment: Experiment) -> list[tuple[str, int]]:
+    """Return a vision session's runs and their trial counts (synthesis time not included)."""
+    from loop.vision_session import BUILTIN_NATURAL
+
+    vision = experiment.vision
+    # The shipped set has 36 images; a folder's count is known once it is read.
+    n_natural = 36 if vision.natural_images == BUILTIN_NATURAL else _folder_count(experiment)
+    n_sites = len(vision.synthesis.target_sites or experiment.response.target_channels)
+    n_synthesised = n_sites * len(vision.synthesis.objectives)
+    evolution = vision.evolution
+    runs = [("calibration", n_natural * vision.calibration_repeats)]
+    runs += [(f"synthesis block {block}", n_synthesised + vision.synthesis.n_references)
+             for block in range(1, vision.synthesis.n_blocks + 1)]
+    runs += [(f"evolution generation {generation}",
+              evolution.population_size + evolution.n_references)
+             for generation in range(1, evolution.n_generations + 1)]
+    n_final = n_synthesised + (1 if evolution.n_generations else 0) + n_natural
+    runs.append(("evaluation", n_final * vision.evaluation_repeats))
+    return runs
+
+
+def _folder_count(experiment: Experiment) -> int:
+    from synth.natural_images import ImageSetError, load_image_folder
+
+    try:
+        return len(load_image_folder(Path(experiment.vision.natural_images),
+                                     experiment.vision.image_size))
+    except ImageSetError:
+        return 0
+
+
+def _check_vision(experiment: Experiment, experiment_path: Path, rig: Rig, rig_path: Path,
+                  result: Validation) -> None:
+    """Check the natural images, the vision model and its layers, and the rig's sites."""
+    from loop.session import _check_rig_fits_stimuli
+    from loop.vision_session import check_vision_channels, load_natural_set
+    from synth.errors import ModelNotFoundError
+    from synth.vision_models import load_vision_model
+
+    for check in (lambda: load_natural_set(experiment, experiment_path),
+                  lambda: _check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)):
+        try:
+            check()
+        except ConfigError as err:
+            result.problems.extend(str(err).splitlines())
+    if rig.vision_simulator is not None:
+        try:
+            check_vision_channels(experiment, experiment_path, rig)
+        except ConfigError as err:
+            result.problems.append(str(err))
+    vision = experiment.vision
+    try:
+        # Loading MobileNetV2 takes a fraction of a second, so its layers are checked for real.
+        loaded = load_vision_model(vision.model, "cpu")
+    except (ModelNotFoundError, ImportError) as err:
+        result.problems.append(f"{experiment_path}: vision.model: {err}")
+        return
+    missing = [layer for layer in vision.layers if layer not in loaded.model.layer_names()]
+    if missing:
+        result.problems.append(f"{experiment_path}: vision.layers: {missing} are not modules of "
+                               f"{vision.model}.")
 
 
 def format_plan(result: Validation, speed: float = 1.0) -> str:
@@ -127,9 +199,10 @@ def _check_pool(experiment: Experiment, experiment_path: Path, result: Validatio
         return None
 
     loop = experiment.closed_loop
-    needed = (experiment.calibration.n_trials + 3 * experiment.evaluation.n_per_condition
-              + (0 if experiment.allow_repeats
-                 else loop.n_blocks * (loop.n_drive + loop.n_suppress + loop.n_baseline)))
+    per_block = loop.n_drive + loop.n_suppress + loop.n_baseline + sum(loop.extra_conditions.values())
+    needed = (experiment.calibration.n_trials
+              + (3 + len(loop.extra_conditions)) * experiment.evaluation.n_per_condition
+              + (0 if experiment.allow_repeats else loop.n_blocks * per_block))
     if len(pool) < needed:
         result.problems.append(
             f"{experiment_path}: pool.file: {len(pool)} sentences, but the plan shows {needed} "

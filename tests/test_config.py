@@ -100,7 +100,8 @@ def test_rig_target_channel_out_of_range(tmp_path):
 
 def test_simulated_rig_needs_simulator(tmp_path):
     path = write(tmp_path, '[rig]\nname = "x"\nkind = "simulated"\n', "rig.toml")
-    with pytest.raises(ConfigError, match=r"needs a \[simulator\] table"):
+    with pytest.raises(ConfigError, match=r"needs a \[simulator\] \(sentences\) or a "
+                                          r"\[vision_simulator\] \(images\) table"):
         load_rig(path)
 
 

@@ -144,8 +144,11 @@ def test_key_triggers_from_mri_emulator(tmp_path, xvfb_display):
               if event["type"] == "pulse"]
     # The emulator's key presses are counted from the first dummy scan, every TR (0.2 s here).
     assert [volume for volume, _ in pulses[:6]] == [-4, -3, -2, -1, 0, 1]
-    # The emulator's thread keeps its own TR grid but can wake a few ms late on a busy machine.
-    np.testing.assert_allclose(np.diff([time for _, time in pulses]), 2.0 / SPEED, atol=0.015)
+    # The emulator's thread keeps its own TR grid. On a loaded machine it can wake over 0.1 s
+    # late and then catches up, so single intervals vary, but the grid holds.
+    times = np.array([time for _, time in pulses])
+    assert np.median(np.diff(times)) == pytest.approx(2.0 / SPEED, abs=0.002)
+    assert (times[-1] - times[0]) / (len(times) - 1) == pytest.approx(2.0 / SPEED, abs=0.002)
     assert set(statuses) == {"on_time"}
     amplitudes = np.array([row["amplitudes"] for row in log])
     np.testing.assert_allclose(channels, amplitudes, atol=0.05)

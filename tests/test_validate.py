@@ -51,6 +51,27 @@ def test_fmri_plan_waits_for_responses():
     assert seconds["calibration"] == 150 * 4.0 + 4.0 + 2.0 + 12.0
 
 
+def test_vision_plan_counts_images():
+    result = validate(REPO / "experiments" / "vision_population_control.toml",
+                      REPO / "hardware_configs" / "simulated_vision.toml")
+    assert result.problems == []
+    # 36 natural images twice; 8 sites x 2 objectives + 2 references per block; generations of
+    # 8 + 2 references; evaluation of 16 final images, the best evolved one and 36 natural
+    # images, 3 times each.
+    assert [(phase, n) for phase, n, _ in result.plan] == [
+        ("instructions", 0), ("calibration", 72), ("synthesis block 1", 18),
+        ("synthesis block 2", 18), ("evolution generation 1", 10),
+        ("evolution generation 2", 10), ("evaluation", 159)]
+
+
+def test_vision_experiment_on_language_rig_rejected():
+    result = validate(REPO / "experiments" / "vision_population_control.toml", RIG)
+    assert result.problems == [
+        f"{RIG}: simulator: this simulated subject responds to sentences, and "
+        "vision_population_control.toml shows images. Use a rig with a [vision_simulator] table, "
+        "e.g. hardware_configs/simulated_vision.toml."]
+
+
 def test_every_problem_listed(tmp_path):
     experiment = edited(
         tmp_path, FMRI_EXPERIMENT, "experiment.toml",
