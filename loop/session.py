@@ -235,10 +235,6 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         from loop.vision_session import check_vision_channels
 
         check_vision_channels(experiment, experiment_path, rig)
-    if vision and resume is not None:
-        raise ResumeError(f"{resume.path} is a vision session, and resuming one is not supported "
-                          "yet: its synthesis would have to be replayed on the same device. Start "
-                          "a new session; the stopped file keeps its trials.")
     if rig.is_fmri:
         _target_rois(experiment, experiment_path, rig)
         _check_trigger_needs_window(rig, rig_path, options)
@@ -369,7 +365,8 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
                 experiment, pool, features, targets, presenter, responses, clock,
                 np.random.default_rng(seed), extractor,
                 ImageStore(pool, recorder, image_folder_for(path)), recorder=recorder,
-                speed=options.speed, synthesis_device=experiment.vision.synthesis.device, **hooks)
+                speed=options.speed, synthesis_device=experiment.vision.synthesis.device,
+                replay=resume.trials if resume is not None else None, **hooks)
         else:
             controller = Controller(
                 experiment, pool, features, targets, presenter, responses, clock,
@@ -772,7 +769,10 @@ def resumed_recorder(path: Path, resume, experiment_text: str, rig_text: str, me
     else:
         recorder = SessionRecorder(path)
         recorder.write_metadata(experiment_text, rig_text, resume.metadata)
-    if "stimuli" not in recorder.file:
+    from synth.image_pool import ImagePool
+
+    # A vision session's images are stored one by one as they are added (ImageStore).
+    if "stimuli" not in recorder.file and not isinstance(pool, ImagePool):
         recorder.write_stimuli(pool.ids, pool.texts, pool.source)
     resume.damage.extend(recorder.damage)
     earlier = json.loads(resume.metadata.get("earlier_simulator_logs", "[]"))

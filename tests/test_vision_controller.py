@@ -7,6 +7,7 @@ images and a real network, quickly, with exact trial counts to check.
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,9 @@ from loop.clock import SteppedClock
 from loop.config import load_experiment
 from loop.offline import DiscardMarkers
 from loop.presentation import HeadlessPresenter
+from loop.recording import SessionRecorder, TrialRecord
+from loop.recovery import recover_session, resumed_path
+from loop.report import read_trials
 from loop.vision_controller import VisionController, condition_site
 from synth.image_features import ImageFeatureExtractor
 from synth.image_pool import ImagePool
@@ -30,29 +34,40 @@ N_NATURAL = 10
 SIZE = 48
 
 
-class FeatureSubject:
-    """Sites that respond to features.6 of the image (the controller reads other layers)."""
+class SubjectStopped(RuntimeError):
+    """Raised by the subject to stop a session at a chosen trial."""
 
-    def __init__(self, extractor, n_sites, seed=0):
+
+class FeatureSubject:
+    """Sites that respond to features.6 of the image (the controller reads other layers).
+
+    The noise of a response is drawn from the image's id, so an image always gets the same
+    response, however many trials came before: a resumed session can match an uninterrupted one.
+    """
+
+    def __init__(self, extractor, n_sites, seed=0, stop_at=None):
         rng = np.random.default_rng(seed)
         self.extractor = extractor
         self.weights = rng.normal(size=(extractor.n_features("features.6"), n_sites))
         self.weights /= np.sqrt(self.weights.shape[0])
-        self.rng = rng
         self.images_seen = []
+        self.stop_at = stop_at
 
     def collect(self, onset, stimulus):
+        if len(self.images_seen) == self.stop_at:
+            raise SubjectStopped(f"stopped at trial {self.stop_at}")
         self.images_seen.append(stimulus.stimulus_id)
         features = self.extractor.extract(stimulus.image)["features.6"][0]
-        sites = features @ self.weights + self.rng.normal(0, 0.05, self.weights.shape[1])
-        return np.concatenate([sites, [0.0]])
+        noise = np.random.default_rng(int(stimulus.stimulus_id[1:], 16)).normal(
+            0, 0.05, self.weights.shape[1])
+        return np.concatenate([features @ self.weights + noise, [0.0]])
 
     def display_lag(self, onset):
         return float("nan")
 
 
 @pytest.fixture(scope="module")
-def controller_run(tmp_path_factory):
+def parts(tmp_path_factory):
     torch.set_num_threads(1)
     tmp_path = tmp_path_factory.mktemp("vision")
     text = (REPO / "experiments" / "vision_population_control.toml").read_text()
@@ -81,18 +96,37 @@ def controller_run(tmp_path_factory):
     natural = load_natural_images(SIZE)
     for image, name in zip(natural.images[:N_NATURAL], natural.ids[:N_NATURAL], strict=True):
         pool.add(image, name, "natural")
+    return experiment, extractor, subject_features, natural
+
+
+def make_controller(parts, recorder=None, stop_at=None, replay=None, stored=None):
+    experiment, extractor, subject_features, natural = parts
+    pool = ImagePool()
+    for image, name in zip(natural.images[:N_NATURAL], natural.ids[:N_NATURAL], strict=True):
+        pool.add(image, name, "natural")
     features = extractor.extract(np.stack(pool.images))
-    subject = FeatureSubject(subject_features, N_SITES)
+    subject = FeatureSubject(subject_features, N_SITES, stop_at=stop_at)
     clock = SteppedClock(100.0)
-    stored = []
+    stored = [] if stored is None else stored
 
     def store_image(index):
         stored.append(index)
+        if recorder is not None:
+            recorder.add_image(pool.ids[index], pool.images[index], pool.texts[index],
+                               pool.kinds[index])
         return None
 
     controller = VisionController(
         experiment, pool, features, list(range(N_SITES)), HeadlessPresenter(clock, DiscardMarkers()),
-        subject, clock, np.random.default_rng(3), extractor, store_image, synthesis_device="cpu")
+        subject, clock, np.random.default_rng(3), extractor, store_image, recorder=recorder,
+        synthesis_device="cpu", replay=replay)
+    return controller, subject
+
+
+@pytest.fixture(scope="module")
+def controller_run(parts):
+    stored = []
+    controller, subject = make_controller(parts, stored=stored)
     state = controller.run()
     return controller, state, subject, stored
 
@@ -156,3 +190,44 @@ def test_trial_response_is_the_targeted_site(controller_run):
     position = controller.site_names.index("SITE002")
     sites = controller.site_responses[state.trials.index(stretch[0])]
     assert stretch[0].observed == pytest.approx(sites[position])
+
+
+def recorded_run(parts, path, stop_at=None, replay=None, recorder=None):
+    if recorder is None:
+        recorder = SessionRecorder(path)
+        recorder.write_metadata("experiment", "rig", {"seed": 3, "versions": {}})
+    controller, _ = make_controller(parts, recorder=recorder, stop_at=stop_at, replay=replay)
+    status = "complete"
+    try:
+        controller.run()
+    except SubjectStopped:
+        status = "aborted"
+    finally:
+        recorder.close(status)
+
+
+def sequence(path):
+    with h5py.File(path, "r") as file:
+        trials = read_trials(file)
+    return list(zip(trials["condition"].tolist(), trials["stimulus_id"].tolist(), strict=True))
+
+
+@pytest.mark.parametrize("stop_at", [25, 45, 70])
+def test_resumed_vision_session_matches_uninterrupted(parts, tmp_path, stop_at):
+    recorded_run(parts, tmp_path / "whole.h5")
+    recorded_run(parts, tmp_path / "stopped.h5", stop_at=stop_at)
+    recovered = recover_session(tmp_path / "stopped.h5")
+    assert recovered.n_trials == stop_at
+    new_path = resumed_path(tmp_path / "stopped.h5", "resumed")
+    with h5py.File(tmp_path / "stopped.h5", "r") as old:
+        recorder = SessionRecorder(new_path, copy_from=old)
+    for row in recovered.trials:
+        recorder.add_trial(TrialRecord(**{name: row[name] for name in TrialRecord.__dataclass_fields__}),
+                           row["observed_channels"], row["checkpoint"])
+    recorded_run(parts, new_path, replay=recovered.trials, recorder=recorder)
+    # The replay synthesised the same images from the recorded responses, so the session went on
+    # with the trials the uninterrupted one showed.
+    assert sequence(new_path) == sequence(tmp_path / "whole.h5")
+    with h5py.File(new_path, "r") as file:
+        ids = file["stimuli/stimulus_id"].asstr()[()].tolist()
+    assert len(ids) == len(set(ids))
