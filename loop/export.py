@@ -20,7 +20,7 @@ import math
 import re
 import tomllib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -778,7 +778,10 @@ def _write_recording(recording: ContinuousData, markers: list[MarkerAnnotation],
     # Markers outside the recording stay in the sidecar; MNE drops annotations outside the data.
     duration = recording.n_samples / recording.sfreq
     inside = [0.0 <= marker.onset_s < duration for marker in markers]
-    annotations = [marker for marker, is_inside in zip(markers, inside, strict=True) if is_inside]
+    # A stimulus shown at the end of the recording is cut to its end: pybv rejects an annotation
+    # that runs past the last sample.
+    annotations = [replace(marker, duration_s=min(marker.duration_s, duration - marker.onset_s))
+                   for marker, is_inside in zip(markers, inside, strict=True) if is_inside]
     annotations += [MarkerAnnotation(onset, gap, GAP_DESCRIPTION, "") for onset, gap in recording.gaps]
     annotations.sort(key=lambda annotation: annotation.onset_s)
 

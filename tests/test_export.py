@@ -481,3 +481,17 @@ def test_unit_option_overrides_rig(tmp_path):
                                rtol=1e-6)
     [misc] = export_raw(path, tmp_path / "misc", "fif", unit="a.u.")
     assert mne.io.read_raw_fif(misc.path, verbose="error").get_channel_types() == ["misc"] * 3
+
+
+def test_stimulus_at_recording_end_cut_to_it(tmp_path):
+    # The last onset comes 0.2 s before the last sample, and its stimulus lasts 0.5 s.
+    last_onset = 1.0 + 2.1 * 3 + 0.0013
+    n_samples = int(round((last_onset + 0.2) * SFREQ))
+    path = tmp_path / "lang_test_20250304-101112.h5"
+    build_session(path, n_samples=n_samples)
+    [written] = export_raw(path, tmp_path / "out", "brainvision")
+    raw = mne.io.read_raw_brainvision(written.path, preload=False, verbose="error")
+    durations = [annotation["duration"] for annotation in raw.annotations
+                 if annotation["description"].startswith("Comment/onset/")]
+    assert durations[:3] == pytest.approx([0.5, 0.5, 0.5])
+    assert durations[3] == pytest.approx(0.2, abs=2.0 / SFREQ)
