@@ -585,7 +585,9 @@ class Controller:
     def evaluate(self) -> None:
         """Fresh drive, suppress and baseline sentences chosen by the final model, in mixed order."""
         n = self.experiment.evaluation.n_per_condition
-        self._phase("evaluation", 3 * n)
+        n_conditions = 3 + (0 if self.policy == "random"
+                            else len(self.experiment.closed_loop.extra_conditions))
+        self._phase("evaluation", n_conditions * n)
         available = ~self.state.shown_mask
         if self.policy == "random":
             chosen = select_random(available, 3 * n, self.rng)

@@ -3,9 +3,9 @@ block orders and stop rules.
 
 Runs in the session's process. A lab writes small functions in a Python file beside its
 experiment, registers each under a name with the decorators below, and lists the file under
-``[experiment] plugins``. The experiment file then uses the names: ``[closed_loop] conditions``,
-``selection``, ``order`` and ``stop_rule``. neurosteer's own conditions and rules are registered
-here the same way, so a plugin's functions are called exactly as the built-in ones are.
+``[experiment] plugins``. The experiment file then uses the names: ``[closed_loop]
+extra_conditions``, ``selection``, ``order`` and ``stop_rule``. neurosteer's own conditions and
+rules are registered here the same way, so a plugin's functions are called exactly as the built-in ones are.
 
 A plugin file::
 
@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 class Choice:
     """What a selection rule sees when it picks the next stimulus of a condition.
 
-    ``value`` and ``sd`` are the condition's objective per candidate (``(n_pool,)``; NaN for a
-    random condition), ``available`` the candidates that may be shown, ``exploration`` the
+    ``value`` and ``sd`` are the condition's objective per candidate (``(n_pool,)``; a random
+    condition never reaches a selection rule), ``available`` the candidates that may be shown,
+    ``exploration`` the
     experiment's ``encoding.exploration``, and ``rng`` the session's seeded Generator, which is the
     only source of randomness a rule may use (a resumed session replays its draws).
     """
@@ -178,9 +179,7 @@ def _baseline(mean, sd):
 
 @selection("ucb")
 def _upper_confidence_bound(choice: Choice) -> int:
-    """The candidate with the highest value + exploration x SD (random for a random condition)."""
-    if np.all(np.isnan(choice.value)):
-        return int(choice.rng.choice(np.flatnonzero(choice.available)))
+    """Return the candidate with the highest value + exploration x SD."""
     score = np.where(choice.available, choice.value + choice.exploration * choice.sd, -np.inf)
     return int(np.argmax(score))
 

@@ -188,6 +188,11 @@ def plot(summaries: list[ConditionSummary], facts: dict, path: Path) -> None:
     colours = {"drive": "tab:red", "baseline": "tab:gray", "suppress": "tab:blue",
                "calibration": "tab:olive", "random": "tab:olive"}
     trials = facts["trials"]
+    # Conditions that plugins registered get the remaining colours of matplotlib's cycle.
+    spare = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:cyan"] * 4)
+    for condition in dict.fromkeys(trials["condition"].tolist()):
+        if condition not in colours:
+            colours[condition] = next(spare)
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
 
     ax = axes[0]
@@ -265,7 +270,11 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
                      f"(PsychoPy's count, meaningless without vertical sync, as under Xvfb): "
                      f"{facts['n_dropped_frames']}")
     ahead = []
-    if "response_delay_median_s" in facts:
+    if "response_delay_median_s" in facts and facts["trials_ahead_max"] == 0:
+        lines.append(f"- each response was recorded before the next stimulus was chosen (a median "
+                     f"of {facts['response_delay_median_s']:.1f} s after its onset, in the "
+                     "experiment's time).")
+    elif "response_delay_median_s" in facts:
         ahead.append(f"selection ran ahead of the data: a response was recorded a median of "
                      f"{facts['response_delay_median_s']:.1f} s after its onset (in the experiment's "
                      f"time, with the speed factor undone), when a median of "

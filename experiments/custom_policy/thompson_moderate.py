@@ -13,13 +13,8 @@ from loop.registry import BlockResult, Choice, condition, selection, stop_rule
 
 @selection("thompson")
 def thompson(choice: Choice) -> int:
-    """Thompson sampling: draw each candidate's value from its predictive distribution, take the best.
-
-    A random condition (baseline) has no predictions, so it draws uniformly.
-    """
+    """Thompson sampling: draw each candidate's value from its predictive distribution, take the best."""
     candidates = np.flatnonzero(choice.available)
-    if np.all(np.isnan(choice.value)):
-        return int(choice.rng.choice(candidates))
     draws = choice.rng.normal(choice.value[candidates], choice.sd[candidates])
     return int(candidates[np.argmax(draws)])
 
