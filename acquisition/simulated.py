@@ -194,19 +194,14 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
     if ready is not None:
         ready.set()
 
-    period = 1.0 / config.sfreq
-    next_sample_time = pylsl.local_clock()
-    parent = ParentWatch()
     with open(config.log_file, "a", encoding="utf-8") as log:
-        while (stop is None or not stop.is_set()) and parent.alive():
-            # Markers first, so that a response starting in this chunk is already scheduled.
-            markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
-            ended = False
+
+        def handle_markers(markers, stamps) -> bool:
             for (text,), stamp in zip(markers, stamps, strict=True):
                 event = decode_marker(text)
                 if event["type"] == "session_end":
-                    ended = True
-                elif event["type"] == "onset":
+                    return True
+                if event["type"] == "onset":
                     value = float(truth([event["text"]])[0])
                     amplitudes = renderer.add_onset(stamp, value, event.get("duration_s", 0.1))
                     log.write(json.dumps({
@@ -215,21 +210,43 @@ def run_simulator(config: SimulatorConfig, ready=None, stop=None) -> None:
                         "amplitudes": amplitudes[list(config.target_channels)].tolist(),
                     }, ensure_ascii=False) + "\n")
                     log.flush()
-            if ended:
-                break
+            return False
 
-            # Samples up to now, stamped with their acquisition times.
-            now = pylsl.local_clock()
-            n_samples = int((now - next_sample_time) / period)
-            if n_samples > 0:
-                times = next_sample_time + period * np.arange(n_samples)
-                data = renderer.render(times)
-                for start in range(0, n_samples, 250):
-                    outlet.push_chunk(data[start:start + 250], times[start:start + 250])
-                next_sample_time = times[-1] + period
-            time.sleep(0.005)
+        stream_samples(outlet, renderer, marker_inlet, handle_markers, config.sfreq, stop)
     marker_inlet.close_stream()
     del outlet
+
+
+# Samples per pushed chunk: a quarter of a second at 1000 Hz.
+PUSH_CHUNK_SAMPLES = 250
+
+
+def stream_samples(outlet, renderer, marker_inlet, handle_markers, sfreq: float, stop) -> None:
+    """Stream rendered samples in real time until a marker ends it, ``stop`` is set, or the
+    session process is gone.
+
+    Each pass takes the markers first (``handle_markers(markers, stamps)`` schedules responses
+    and returns True at the session's end), so that a response starting in the next chunk is
+    already scheduled. It then pushes every sample due by now, stamped with its acquisition time.
+    """
+    import pylsl
+
+    period = 1.0 / sfreq
+    next_sample_time = pylsl.local_clock()
+    parent = ParentWatch()
+    while (stop is None or not stop.is_set()) and parent.alive():
+        markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
+        if handle_markers(markers, stamps):
+            return
+        n_samples = int((pylsl.local_clock() - next_sample_time) / period)
+        if n_samples > 0:
+            times = next_sample_time + period * np.arange(n_samples)
+            data = renderer.render(times)
+            for start in range(0, n_samples, PUSH_CHUNK_SAMPLES):
+                end = start + PUSH_CHUNK_SAMPLES
+                outlet.push_chunk(data[start:end], times[start:end])
+            next_sample_time = times[-1] + period
+        time.sleep(0.005)
 
 
 def load_truth(config):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,9 +28,9 @@ from acquisition.simulated import (
     PHOTODIODE_CHANNEL,
     ChildProcess,
     EcogRenderer,
-    ParentWatch,
     SimulatorConfig,
     open_marker_inlet,
+    stream_samples,
 )
 from synth.image_pool import image_id
 
@@ -40,8 +39,6 @@ logger = logging.getLogger(__name__)
 # Settings that name where the process connects and writes, as opposed to how the subject responds.
 WIRE_FIELDS = ("data_stream", "marker_stream", "source_id", "log_file", "lsl_config")
 STREAM_TYPE = "MUA"
-# Samples per pushed chunk: a quarter of a second at 1000 Hz.
-PUSH_CHUNK_SAMPLES = 250
 
 
 @dataclass(frozen=True)
@@ -379,7 +376,6 @@ def run_vision_simulator(config: VisionSimulatorConfig, ready=None, stop=None) -
     from acquisition.lsl import configure_lsl
 
     configure_lsl(Path(config.lsl_config) if config.lsl_config else None)
-    import pylsl
 
     subject, natural = load_vision_subject(config)
     save_natural_truth(natural_truth_file(config.log_file), subject, natural.ids)
@@ -398,27 +394,11 @@ def run_vision_simulator(config: VisionSimulatorConfig, ready=None, stop=None) -
     if ready is not None:
         ready.set()
 
-    period = 1.0 / config.sfreq
-    next_sample_time = pylsl.local_clock()
-    parent = ParentWatch()
     with open(config.log_file, "a", encoding="utf-8") as log:
-        while (stop is None or not stop.is_set()) and parent.alive():
-            # Markers first, so that a response starting in this chunk is already scheduled.
-            markers, stamps = marker_inlet.pull_chunk(timeout=0.0)
-            if _handle_markers(markers, stamps, subject, renderer, log):
-                break
-
-            # Samples up to now, stamped with their acquisition times.
-            now = pylsl.local_clock()
-            n_samples = int((now - next_sample_time) / period)
-            if n_samples > 0:
-                times = next_sample_time + period * np.arange(n_samples)
-                data = renderer.render(times)
-                for start in range(0, n_samples, PUSH_CHUNK_SAMPLES):
-                    end = start + PUSH_CHUNK_SAMPLES
-                    outlet.push_chunk(data[start:end], times[start:end])
-                next_sample_time = times[-1] + period
-            time.sleep(0.005)
+        stream_samples(outlet, renderer, marker_inlet,
+                       lambda markers, stamps: _handle_markers(markers, stamps, subject, renderer,
+                                                               log),
+                       config.sfreq, stop)
     if watch is not None:
         watch.stop.set()
     marker_inlet.close_stream()

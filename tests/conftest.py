@@ -100,3 +100,22 @@ def gemma():
 def unique_name(request) -> str:
     """A stream name no other test uses, so that no test resolves another test's stream."""
     return f"neurosteer-test-{request.node.name}-{os.getpid()}"[:120]
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Run torch on one thread for a module: the test machines are shared, and batches are small."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def mobilenet():
+    """The embedded MobileNetV2 on the CPU."""
+    from synth.vision_models import load_vision_model
+
+    return load_vision_model(device="cpu")

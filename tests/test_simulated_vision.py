@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from acquisition.epochs import ResponseWindow, epoch_response, light_onset_lag
@@ -33,7 +32,7 @@ from acquisition.vision_truth import VisionTruth
 from synth.natural_images import load_natural_images
 from synth.vision_models import load_vision_model
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.usefixtures("torch_one_thread")]
 
 N_SITES = 8
 SEED = 5
@@ -55,14 +54,6 @@ WINDOW = ResponseWindow(LATENCY_S, LATENCY_S + DURATION_S, -BASELINE_S, 0.0)
 START_TIMEOUT_S = 180.0
 WAIT_TIMEOUT_S = 30.0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run torch on one thread in this process: the test machines are shared, and batches are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,24 +19,12 @@ from synth.vision_models import (
     load_vision_model,
 )
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.usefixtures("torch_one_thread")]
 
 # Egyptian cat, tabby, tiger cat, Persian, Siamese, ... in the ImageNet-1k class order.
 IMAGENET_CATS = range(281, 286)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run torch on one thread: the test machines are shared, and these batches are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    return load_vision_model(device="cpu")
 
 
 @pytest.fixture(scope="module")

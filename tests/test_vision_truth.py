@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from acquisition.vision_truth import TRUTH_LAYER, VisionTruth
 from synth.encoding import RidgeEncoder, Standardizer, alpha_grid
 from synth.image_features import ImageFeatureExtractor
 from synth.natural_images import load_natural_images
-from synth.vision_models import load_vision_model
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.usefixtures("torch_one_thread")]
 
 N_SITES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run torch on one thread: the test machines are shared, and these batches are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    return load_vision_model(device="cpu")
 
 
 @pytest.fixture(scope="module")
