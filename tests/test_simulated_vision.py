@@ -55,7 +55,6 @@ START_TIMEOUT_S = 180.0
 WAIT_TIMEOUT_S = 30.0
 
 
-
 @pytest.fixture(scope="module")
 def natural():
     return load_natural_images()

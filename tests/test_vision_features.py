@@ -25,8 +25,6 @@ pytestmark = [pytest.mark.models, pytest.mark.usefixtures("torch_one_thread")]
 IMAGENET_CATS = range(281, 286)
 
 
-
-
 @pytest.fixture(scope="module")
 def photos() -> np.ndarray:
     """Five scikit-image photographs at 96 × 96: cat, astronaut, coffee, rocket, coins (grey)."""

@@ -15,8 +15,6 @@ pytestmark = [pytest.mark.models, pytest.mark.usefixtures("torch_one_thread")]
 N_SITES = 16
 
 
-
-
 @pytest.fixture(scope="module")
 def natural() -> np.ndarray:
     return load_natural_images().images
