@@ -201,7 +201,7 @@ class CalibrationSettings(Settings):
 
 class ClosedLoopSettings(Settings):
     n_blocks: Annotated[int, Field(ge=0)] = 4
-    """Closed-loop blocks; the penalty is re-chosen after each block."""
+    """Closed-loop blocks; the layer and the penalty are chosen again after each block."""
 
     n_drive: Annotated[int, Field(ge=0)] = 12
     """Drive trials per block."""
@@ -227,7 +227,7 @@ class ClosedLoopSettings(Settings):
 
 class EvaluationSettings(Settings):
     n_per_condition: Annotated[int, Field(ge=2)] = 50
-    """Fresh drive, suppress and baseline sentences each, chosen by the final model."""
+    """Fresh sentences per condition (drive, suppress, baseline and each extra condition), at least 2."""
 
 
 class SynthesisSettings(Settings):

@@ -510,6 +510,27 @@ class Controller:
         self._record_update("fit")
         logger.info("Encoding model: alpha %.3g, cross-validated r %.3f on %d trials.",
                     self.encoder.alphas[0], self.encoder.cv_r[0], self.encoder.n_samples)
+        self._warn_about_fit()
+
+    def _warn_about_fit(self) -> None:
+        """Log when the model cannot be trusted to choose: no predictive power, or a penalty at the
+        edge of its grid."""
+        encoder, cv_r = self.encoder, float(self.encoder.cv_r[0])
+        if cv_r <= 0:
+            logger.warning(
+                "The encoding model predicts no better than the mean (leave-one-out r %.3f on %d "
+                "trials), so its choices are close to random. An r near -1 means the penalty left "
+                "only the intercept, whose leave-one-out predictions are anti-correlated with the "
+                "responses by construction. More calibration trials usually help.",
+                cv_r, encoder.n_samples)
+        alpha = float(encoder.alphas[0])
+        if alpha <= self.alphas[0] or alpha >= self.alphas[-1]:
+            edge = "smallest" if alpha <= self.alphas[0] else "largest"
+            logger.warning(
+                "The ridge penalty chosen (%.3g) is the %s of encoding.alpha_min..alpha_max, so the "
+                "best one may lie outside it. Widen the range. With a small penalty the predictive "
+                "SD is large, and encoding.exploration then outweighs the predictions.", alpha,
+                edge)
 
     def _choose(self, condition: str, exploration: float) -> int:
         """Return the next stimulus of ``condition``: its objective, then the selection rule."""

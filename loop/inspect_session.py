@@ -29,6 +29,7 @@ def inspect_session(path: Path) -> str:
         attrs = dict(file.attrs)
         for key in ("status", "kind", "display", "started", "seed", "speed", "model_identity",
                     "chosen_layer", "experiment_file", "rig_file", "n_fallbacks",
+                    "closed_loop_stopped_after_block", "resumed_from",
                     "display_lag_median_s"):
             if key in attrs:
                 lines.append(f"  {key}: {attrs[key]}")

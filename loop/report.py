@@ -81,7 +81,7 @@ def summarise(path: Path) -> tuple[list[ConditionSummary], dict]:
                     int(group["n_samples"][row]), int(group["chosen"][row]),
                     dict(zip(group["layers"][row].tolist(), group["cv_r"][row].tolist(),
                              strict=True))))
-        for name in ("experiment", "rig"):
+        for name in ("experiment", "rig", "experiment_effective"):
             key = f"config/{name}"
             facts[f"{name}_text"] = file[key][()].decode("utf-8") if key in file else ""
         facts["n_dropped_frames"] = (int(file["display/frames/n_dropped_frames"][()].sum())
@@ -291,6 +291,9 @@ def write_report(session_file: Path) -> tuple[str, Path, Path]:
         scores = ", ".join(f"layer {k}: {v:.3f}" for k, v in cv_r.items())
         lines.append(f"- leave-one-out r by layer after {n_samples} trials: {scores}; "
                      f"chose layer {chosen}")
+    if "closed_loop_stopped_after_block" in facts:
+        lines.append(f"- the stop rule {_stop_rule(facts)!r} ended the closed loop after block "
+                     f"{facts['closed_loop_stopped_after_block']}")
     for from_file, n_trials, damage in facts["resumes"]:
         lines.append(f"- resumed from {Path(from_file).name} after {n_trials} trials, replayed "
                      f"from that file; damage found in it: {damage}")
@@ -358,3 +361,11 @@ def _write_vision_report(session_file: Path, facts: dict) -> tuple[str, Path, Pa
         lines += ["## Experiment file", "", "```toml", facts["experiment_text"].strip(), "```", ""]
     report_path.write_text("\n".join(lines), encoding="utf-8")
     return "\n".join(table), sheet, report_path
+
+
+def _stop_rule(facts: dict) -> str:
+    """Return the stop rule named in the session's effective settings."""
+    import json
+
+    text = facts.get("experiment_effective_text", "")
+    return json.loads(text)["closed_loop"]["stop_rule"] if text else "?"

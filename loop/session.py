@@ -224,6 +224,9 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     experiment = load_experiment(experiment_path)
     rig = load_rig(rig_path)
     seed = experiment.experiment.seed if options.seed is None else options.seed
+    # --seed overrides the file, and the session file's effective settings say so.
+    experiment = experiment.model_copy(
+        update={"experiment": experiment.experiment.model_copy(update={"seed": seed})})
     if options.display and rig.display is None:
         raise ConfigError(f"{rig_path}: display: a run with a window needs a [display] table "
                           "describing the screen; see docs/experiment_format.md.")

@@ -220,12 +220,24 @@ def _check_targets(experiment: Experiment, experiment_path: Path, rig: Rig, rig_
         from acquisition.simulated import channel_names
 
         names = channel_names(rig.simulator.n_channels, rig.simulator.photodiode_lag_s is not None)
-        described = f"channels of the simulated subject ({names[0]}..{names[-1]})"
+        ecog = channel_names(rig.simulator.n_channels)
+        described = f"channels of the simulated subject ({ecog[0]}..{ecog[-1]}, {names[-1]})" \
+            if len(names) > len(ecog) else f"channels of the simulated subject ({ecog[0]}..{ecog[-1]})"
     else:
         return  # a live stream's channels are known only once it is resolved (--streams)
     missing = [name for name in targets if name not in names]
     if missing:
         result.problems.append(f"{experiment_path}: response.target_channels: {missing} are not {described}.")
+    if rig.simulator is not None:
+        responsive = [names[index] for index in rig.simulator.target_channels]
+        silent = [name for name in targets if name in names and name not in responsive]
+        if silent:
+            result.problems.append(
+                f"{experiment_path}: response.target_channels: {silent} do not respond in the "
+                f"simulated subject of {rig_path.name}, whose responsive channels "
+                f"(simulator.target_channels) are {responsive[0]}..{responsive[-1]}, so a dry run "
+                "would show no control. Change simulator.target_channels in the rig, or the "
+                "targets.")
 
     photodiode = rig.display.photodiode if rig.display is not None else None
     if photodiode is not None and photodiode.channel is not None and rig.simulator is not None \

@@ -72,6 +72,18 @@ def test_vision_experiment_on_language_rig_rejected():
         "e.g. hardware_configs/simulated_vision.toml."]
 
 
+def test_targets_that_do_not_respond_flagged(tmp_path):
+    experiment = edited(tmp_path, EXPERIMENT, "experiment.toml", **{
+        '"ECOG009", "ECOG010", "ECOG011", "ECOG012", "ECOG017"': '"ECOG030", "ECOG031"',
+        '"ECOG018", "ECOG019", "ECOG020", "ECOG025", "ECOG026"]': ']'})
+    result = validate(experiment, RIG)
+    assert result.problems == [
+        f"{experiment}: response.target_channels: ['ECOG030', 'ECOG031'] do not respond in the "
+        "simulated subject of simulated_ecog.toml, whose responsive channels "
+        "(simulator.target_channels) are ECOG009..ECOG026, so a dry run would show no control. "
+        "Change simulator.target_channels in the rig, or the targets."]
+
+
 def test_every_problem_listed(tmp_path):
     experiment = edited(
         tmp_path, FMRI_EXPERIMENT, "experiment.toml",
