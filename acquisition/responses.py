@@ -60,6 +60,7 @@ class LSLResponses:
         # (last sample before, first sample after) of every gap so far.
         self.gaps: list[tuple[float, float]] = []
         self._stall_reported_at: float | None = None
+        self._continued_from = float("-inf")
 
     def poll(self) -> int:
         """Move everything the inlet has buffered into the epoch buffer; return the sample count."""
@@ -79,8 +80,16 @@ class LSLResponses:
                 self._stall_reported_at = None
         return len(times)
 
+    def continue_after(self, last_time: float) -> None:
+        """Take ``last_time`` as the stream's last sample so far: a resumed session's recording
+        continues one, and the time in between is recorded as a gap."""
+        self._continued_from = last_time
+
     def _find_gaps(self, times: np.ndarray) -> None:
-        previous = np.concatenate([[self.buffer.last_time], times[:-1]])
+        last_time = self.buffer.last_time
+        if not np.isfinite(last_time):
+            last_time = self._continued_from
+        previous = np.concatenate([[last_time], times[:-1]])
         for index in np.flatnonzero(times - previous > self.gap_s):
             if not np.isfinite(previous[index]):
                 continue

@@ -33,6 +33,10 @@ def inspect_session(path: Path) -> str:
                     "display_lag_median_s"):
             if key in attrs:
                 lines.append(f"  {key}: {attrs[key]}")
+        if attrs.get("status") == "running":
+            lines.append("  (status 'running': the session is still running, or it stopped without "
+                         "closing its file, after a crash or a kill. Continue a stopped one with "
+                         f"neurosteer resume {path})")
         if "versions" in attrs:
             versions = json.loads(attrs["versions"])
             lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

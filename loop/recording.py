@@ -160,10 +160,31 @@ class SessionRecorder:
                 continue
             try:
                 source.copy(source[name], self.file, name)
-            except Exception as err:  # noqa: BLE001  any HDF5 damage: recorded, never raised
-                self.damage.append(f"{name}: {err}")
+            except Exception:  # noqa: BLE001  any HDF5 damage: tried again value by value
+                # HDF5's object copy fails on a file that a crash left with a stale heap index,
+                # even where every value still reads. Copy what reads, one dataset at a time.
                 if name in self.file:
                     del self.file[name]
+                self._copy_values(source[name], self.file, name)
+
+    def _copy_values(self, item, parent: h5py.Group, name: str) -> None:
+        """Copy a group or dataset by reading its values; name each unreadable one in ``damage``."""
+        try:
+            if isinstance(item, h5py.Group):
+                group = parent.create_group(name)
+                group.attrs.update(dict(item.attrs))
+                for child in item:
+                    self._copy_values(item[child], group, child)
+                return
+            values = item[()]
+            dataset = parent.create_dataset(
+                name, data=values, dtype=item.dtype, maxshape=item.maxshape,
+                chunks=item.chunks if item.chunks and values.ndim else None)
+            dataset.attrs.update(dict(item.attrs))
+        except Exception as err:  # noqa: BLE001  any HDF5 damage: recorded, never raised
+            self.damage.append(f"{item.name}: {err}")
+            if name in parent:
+                del parent[name]
 
     def write_metadata(self, experiment_text: str, rig_text: str, metadata: dict) -> None:
         """Store both configuration files verbatim and the session's metadata as JSON."""

@@ -350,12 +350,13 @@ def _write_vision_report(session_file: Path, facts: dict) -> tuple[str, Path, Pa
              f"{facts.get('n_fallbacks', 0)}"]
     for kind, message in facts["faults"]:
         lines.append(f"- fault ({kind}): {message}")
-    lines += ["", "## Evaluation", "", "```", *table[:len(results) + 2], "```", "",
-              *table[len(results) + 3:], "",
-              "Columns: mean response over the evaluation repeats of each site's stretch image "
-              "and of the best natural image for that site (observed, then noise-free truth of "
-              "the simulated subject); the site's share of the population response to its "
-              "one-hot image and the best share of any natural image (observed, then truth).",
+    lines += ["", "## Evaluation", "", "```", *table[:len(results) + 3], "```", "",
+              *table[len(results) + 4:], "",
+              "Columns: the mean response over the evaluation repeats of each site's stretch "
+              "image and of the best natural image for that site, observed and as the simulated "
+              "subject's noise-free amplitude (same units). Then the site's share of the "
+              "population response to its one-hot image and the best share of any natural "
+              "image, observed and noise-free.",
               "", f"![contact sheet]({sheet.name})", ""]
     if facts["experiment_text"]:
         lines += ["## Experiment file", "", "```toml", facts["experiment_text"].strip(), "```", ""]

@@ -355,6 +355,10 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         loop = PresentationLoop(screen, clock, outlet, _operator_keys(rig), options.speed)
         presenter = loop.presenter()
         if not rig.is_fmri:
+            recorded = recorder.file.get(f"streams/{description.name}/timestamps")
+            if recorded is not None and recorded.shape[0]:
+                # A resumed session's recording goes on from the stopped one's last sample.
+                responses.continue_after(float(recorded[-1]))
             responses.take(*first_samples)
             # While the stream is stalled, no fallback fills the next slot: it would go unrecorded.
             responses.on_stall = presenter.withdraw

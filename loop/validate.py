@@ -44,6 +44,12 @@ def validate(experiment_path: Path, rig_path: Path, streams: bool = False,
         _check_vision(experiment, experiment_path, rig, rig_path, result)
         result.plan = plan(experiment, rig)
         return result
+    from loop.session import _check_rig_fits_stimuli
+
+    try:
+        _check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)
+    except ConfigError as err:
+        result.problems.append(str(err))
     _check_model(experiment, experiment_path, result)
     pool = _check_pool(experiment, experiment_path, result)
     _check_targets(experiment, experiment_path, rig, rig_path, result)

@@ -6,7 +6,7 @@ every natural image were shown ``vision.evaluation_repeats`` times:
 
 - **stretch**: for each target site, whether its stretch image drove it beyond the best natural
   image. "Observed" compares the mean recorded responses over the repeats. "Truth" (dry runs)
-  compares the simulated subject's noise-free responses (its raw, non-negative ones), against the
+  compares the simulated subject's noise-free response amplitudes, in the same units, against the
   best of the whole natural set.
 - **one-hot population**: for each target site, its share of the population response to its
   one-hot image, ``r_site / sum_j r_j`` with negative responses counted as 0, against the best
@@ -47,6 +47,17 @@ def population_share(responses: np.ndarray, site: int) -> np.ndarray:
     return np.divide(positive[:, site], total, out=np.full(len(total), np.nan), where=total > 0)
 
 
+def _amplitude_scale(file: h5py.File) -> tuple[float, float]:
+    """Return the simulated subject's ``mean_level`` and ``signal_sd`` from the stored rig file."""
+    import tomllib
+
+    from loop.config import VisionSimulatorSettings
+
+    rig = tomllib.loads(file["config/rig"][()].decode("utf-8")) if "config/rig" in file else {}
+    settings = VisionSimulatorSettings(**rig.get("vision_simulator", {}))
+    return settings.mean_level, settings.signal_sd
+
+
 def _site_names(file: h5py.File) -> list[str]:
     effective = json.loads(file["config/experiment_effective"][()].decode("utf-8"))
     return list(effective["response"]["target_channels"])
@@ -69,12 +80,13 @@ def summarise_vision(path: Path) -> tuple[list[SiteResult], dict]:
         trials = read_trials(file)
         sites = _site_names(file)
         channels = _channel_indices(file, sites)
-        # The simulated subject's raw responses: non-negative, 1 on average over the natural
-        # images, so that shares of the population response are meaningful.
+        # The simulated subject's noise-free response amplitudes, in the units of the observed
+        # responses (mean_level + signal_sd x truth), so that the two compare directly.
         truth_by_trial = {}
-        if "simulator/truth_raw" in file:
+        if "simulator/amplitudes" in file:
             truth_by_trial = dict(zip(file["simulator/trial"][()].tolist(),
-                                      file["simulator/truth_raw"][()], strict=True))
+                                      file["simulator/amplitudes"][()], strict=True))
+        mean_level, signal_sd = _amplitude_scale(file)
         images, id_of_label = {}, {}
         if "stimuli/image" in file:
             stimulus_ids = file["stimuli/stimulus_id"].asstr()[()]
@@ -82,10 +94,11 @@ def summarise_vision(path: Path) -> tuple[list[SiteResult], dict]:
             id_of_label = dict(zip(file["stimuli/label"].asstr()[()], stimulus_ids, strict=True))
         # The simulated subject names natural images by their label in the image set.
         natural_truth_of = {}
-        if "simulator/natural/truth_raw" in file:
-            natural_truth_of = {id_of_label.get(label, label): row for label, row in zip(
-                file["simulator/natural/ids"].asstr()[()], file["simulator/natural/truth_raw"][()],
-                strict=True)}
+        if "simulator/natural/truth" in file:
+            natural_truth_of = {id_of_label.get(label, label): mean_level + signal_sd * row
+                                for label, row in zip(file["simulator/natural/ids"].asstr()[()],
+                                                      file["simulator/natural/truth"][()],
+                                                      strict=True)}
     evaluation = (trials["phase"] == "evaluation") & trials["epoch_ok"]
     conditions = trials["condition"][evaluation]
     ids = trials["stimulus_id"][evaluation]
@@ -149,14 +162,16 @@ def _fraction(flags: list[bool]) -> str:
 
 def format_vision(results: list[SiteResult]) -> list[str]:
     """Return the report's lines: the per-site table and the fractions."""
-    header = (f"{'site':<8} {'stretch obs':>11} {'best nat':>9} {'stretch tru':>11} "
-              f"{'best nat':>9} {'1-hot share':>11} {'best nat':>9} {'share tru':>9} {'best nat':>9}")
-    lines = [header, "-" * len(header)]
+    groups = (f"{'':<8} |{'stretch, observed':^22}|{'stretch, truth':^22}|"
+              f"{'one-hot share, obs.':^22}|{'one-hot share, truth':^22}")
+    header = (f"{'site':<8} |{'image':>10} {'best nat.':>10} |{'image':>10} {'best nat.':>10} "
+              f"|{'image':>10} {'best nat.':>10} |{'image':>10} {'best nat.':>10}")
+    lines = [groups, header, "-" * len(header)]
     for r in results:
-        lines.append(f"{r.site:<8} {r.stretch_observed:>11.3f} {r.natural_best_observed:>9.3f} "
-                     f"{r.stretch_truth:>11.3f} {r.natural_best_truth:>9.3f} "
-                     f"{r.one_hot_share_observed:>11.3f} {r.natural_best_share_observed:>9.3f} "
-                     f"{r.one_hot_share_truth:>9.3f} {r.natural_best_share_truth:>9.3f}")
+        lines.append(f"{r.site:<8} |{r.stretch_observed:>10.3f} {r.natural_best_observed:>10.3f} "
+                     f"|{r.stretch_truth:>10.3f} {r.natural_best_truth:>10.3f} "
+                     f"|{r.one_hot_share_observed:>10.3f} {r.natural_best_share_observed:>10.3f} "
+                     f"|{r.one_hot_share_truth:>10.3f} {r.natural_best_share_truth:>10.3f}")
     stretch_observed = [r.stretch_observed > r.natural_best_observed for r in results
                         if np.isfinite(r.stretch_observed)]
     stretch_truth = [r.stretch_truth > r.natural_best_truth for r in results
@@ -203,12 +218,16 @@ def write_contact_sheet(results: list[SiteResult], facts: dict, path: Path) -> P
         scores = natural_truth if natural_truth is not None else facts["natural_observed"]
         best_natural = natural_ids[int(np.argmax(scores[:, position]))] \
             if len(natural_ids) == len(scores) else natural_ids[0]
-        cells = [(best_natural, f"{result.natural_best_truth:.2f} truth"),
-                 (image_of.get(f"stretch:{result.site}"), f"{result.stretch_truth:.2f} truth"),
+        cells = [(best_natural, f"response {result.natural_best_truth:.2f} (truth)"),
+                 (image_of.get(f"stretch:{result.site}"),
+                  f"response {result.stretch_truth:.2f} (truth)"),
                  (image_of.get(f"one_hot_population:{result.site}"),
-                  f"share {result.one_hot_share_truth:.2f}")]
+                  f"site's share {result.one_hot_share_truth:.2f} (truth)")]
         if evolved:
-            cells.append((image_of.get(f"evolved:{result.site}"), ""))
+            evolved_id = image_of.get(f"evolved:{result.site}")
+            truth = facts["truth_means"].get(evolved_id) if evolved_id else None
+            cells.append((evolved_id, f"response {truth[position]:.2f} (truth)"
+                          if truth is not None else ""))
         for column, (stimulus_id, caption) in enumerate(cells):
             axis = axes[row, column]
             axis.axis("off")

@@ -123,7 +123,13 @@ def test_killed_session_resumes_with_the_same_sequence(tmp_path):
         # The simulated subject's truth covers both parts of the session.
         assert file["simulator/trial"][()].tolist() == list(range(N_TRIALS))
         stream = file["streams/neurosteer-kill-b-data/timestamps"][()]
+        gap_start, gap_end = file["gaps/start"][()], file["gaps/end"][()]
     assert np.all(np.diff(stream) > 0)
+    # The time between the two parts is one gap, from the killed part's last sample.
+    with h5py.File(old, "r") as file:
+        last_before_kill = file["streams/neurosteer-kill-b-data/timestamps"][-1]
+    assert gap_start.tolist() == [last_before_kill]
+    assert gap_end[0] > gap_start[0]
     # The killed session's file is never written to again.
     assert old.read_bytes() == old_bytes
 

@@ -196,3 +196,31 @@ def test_complete_session_is_not_resumed(setup, uninterrupted):
 def test_missing_file_named(tmp_path):
     with pytest.raises(ResumeError, match="does not exist, and neither does its journal"):
         recover_session(tmp_path / "nothing.h5")
+
+
+def test_copy_falls_back_to_reading_values(setup, tmp_path, monkeypatch):
+    old_path = tmp_path / "heap.h5"
+    run(setup, old_path, stop_at=180)
+    with h5py.File(old_path, "r") as old:
+        expected = {name: old[name][()] for name in ("markers/text", "model/updates/weights",
+                                                    "config/experiment")}
+
+    def failing_copy(self, *args, **kwargs):
+        # What HDF5 raised on a killed session's file whose values still read.
+        raise RuntimeError("Unable to synchronously copy object (bad heap index)")
+
+    monkeypatch.setattr(h5py.Group, "copy", failing_copy)
+    recovered = recover_session(old_path)
+    recorder = resumed_recorder(resumed_path(old_path, "copied"), recovered, "experiment", "rig",
+                                {"experiment_file": "e", "rig_file": "r", "versions": {}},
+                                "identity", setup[3], SteppedClock(0.0))
+    recorder.add_marker(1.0, "after")
+    recorder.close("aborted")
+    assert recovered.damage == []
+    with h5py.File(resumed_path(old_path, "copied"), "r") as new:
+        for name, values in expected.items():
+            copied = new[name][()]
+            if name == "markers/text":
+                assert copied.tolist() == [*values.tolist(), b"after"]
+            else:
+                np.testing.assert_array_equal(copied, values)

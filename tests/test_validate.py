@@ -72,6 +72,15 @@ def test_vision_experiment_on_language_rig_rejected():
         "e.g. hardware_configs/simulated_vision.toml."]
 
 
+def test_language_experiment_on_vision_rig_rejected():
+    rig = REPO / "hardware_configs" / "simulated_vision.toml"
+    result = validate(EXPERIMENT, rig)
+    assert result.problems == [
+        f"{rig}: vision_simulator: this simulated subject responds to images, and "
+        "language_drive_suppress.toml shows sentences. Use a rig with a [simulator] table, e.g. "
+        "hardware_configs/simulated_ecog.toml."]
+
+
 def test_targets_that_do_not_respond_flagged(tmp_path):
     experiment = edited(tmp_path, EXPERIMENT, "experiment.toml", **{
         '"ECOG009", "ECOG010", "ECOG011", "ECOG012", "ECOG017"': '"ECOG030", "ECOG031"',
