@@ -284,8 +284,8 @@ def open_marker_inlet(config, device_name: str):
 class ParentWatch:
     """Tells a simulated device's child process whether the session that started it still runs.
 
-    A session killed outright (SIGKILL, power loss) sends no ``session_end`` marker; without this
-    check its simulated device would stream on, and a resumed session would find two streams of
+    A session killed outright (SIGKILL, power loss) sends no ``session_end`` marker. Without this
+    check its simulated device would stream on, so a resumed session would find two streams of
     the same name. Outside a child process (``neurosteer simulate``) it always answers True.
     """
 

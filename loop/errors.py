@@ -18,4 +18,4 @@ class RunEndedError(SessionAbortedError):
 
 
 class ResumeError(RuntimeError):
-    """A stopped session cannot be resumed as recorded; the message says why and what to do."""
+    """A stopped session cannot be resumed as recorded. The message gives the reason and what to do."""

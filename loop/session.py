@@ -224,7 +224,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
     experiment = load_experiment(experiment_path)
     rig = load_rig(rig_path)
     seed = experiment.experiment.seed if options.seed is None else options.seed
-    # --seed overrides the file, and the session file's effective settings say so.
+    # --seed overrides the file, and the effective settings stored in the session file record it.
     experiment = experiment.model_copy(
         update={"experiment": experiment.experiment.model_copy(update={"seed": seed})})
     if options.display and rig.display is None:
