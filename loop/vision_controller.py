@@ -98,7 +98,9 @@ class VisionController(Controller):
                 self._planned = np.append(self._planned, False)
                 self._image_files[index] = self.store_image(index)
             indices.append(index)
-        new = [index for index in indices if index >= len(self.pool_features[self.natural_layer])]
+        # New images in the order they joined the pool; an image proposed twice is added once.
+        n_known = len(self.pool_features[self.natural_layer])
+        new = sorted({index for index in indices if index >= n_known})
         if new:
             features = self.extractor.extract(np.stack([self.pool.images[i] for i in new]))
             for layer, rows in features.items():

@@ -231,3 +231,15 @@ def test_resumed_vision_session_matches_uninterrupted(parts, tmp_path, stop_at):
     with h5py.File(new_path, "r") as file:
         ids = file["stimuli/stimulus_id"].asstr()[()].tolist()
     assert len(ids) == len(set(ids))
+
+
+def test_image_proposed_twice_added_once(parts):
+    controller, _ = make_controller(parts)
+    n_before = len(controller.pool)
+    image = np.full((SIZE, SIZE, 3), 90, np.uint8)
+    indices = controller._add_images(np.stack([image, image]), ["twice", "twice"])
+    assert indices == [n_before, n_before]
+    assert len(controller.pool) == n_before + 1
+    for features in controller.pool_features.values():
+        assert features.shape[0] == n_before + 1
+    assert controller.state.shown_mask.shape == (n_before + 1,)
