@@ -26,7 +26,6 @@ from loop.presentation import Onset, Stimulus
 from loop.recording import TrialRecord
 from loop.selection import select_diverse, select_random, select_top
 from synth.encoding import PoolScorer, RidgeEncoder, Standardizer, alpha_grid, ridge_loo
-from synth.objectives import objective_for
 from synth.pool import CandidatePool
 
 logger = logging.getLogger(__name__)
@@ -269,7 +268,7 @@ class Controller:
             stimulus=stimulus, due=float(row["due"]), onset=onset, predicted=predicted,
             predicted_sd=predicted_sd, update=update)
         self._trial_index += 1
-        record = TrialRecord(**{name: row[name] for name in TrialRecord.__dataclass_fields__})
+        record = TrialRecord.from_row(row)
         self._keep_trial(pending, record, row["observed_channels"])
         checkpoint = row.get("checkpoint")
         if checkpoint is not None and checkpoint != self._checkpoint():
@@ -543,8 +542,6 @@ class Controller:
             return int(select_random(available, 1, self.rng)[0])
         value, sd = objective(self.scorer.mean, self.scorer.sd)
         rule = self.experiment.closed_loop.selection
-        if rule == "ucb":
-            return int(select_top(value, sd, available, exploration, 1)[0])
         choice = registry.Choice(condition, value, sd, available, exploration, self.rng)
         index = int(registry.SELECTIONS.get(rule)(choice))
         if not available[index]:
@@ -615,18 +612,11 @@ class Controller:
             plan = list(zip(["drive"] * n + ["suppress"] * n + ["baseline"] * n, chosen,
                             strict=True))
         else:
-            drive = select_top(*objective_for("drive").evaluate(self.scorer.mean, self.scorer.sd),
-                               available, 0.0, n)
-            available[drive] = False
-            suppress = select_top(*objective_for("suppress").evaluate(self.scorer.mean,
-                                                                     self.scorer.sd),
-                                  available, 0.0, n)
-            available[suppress] = False
-            baseline = select_random(available, n, self.rng)
-            available[baseline] = False
-            plan = ([("drive", i) for i in drive] + [("suppress", i) for i in suppress]
-                    + [("baseline", i) for i in baseline])
-            for name in self.experiment.closed_loop.extra_conditions:
+            # Each condition's best n by its objective, without exploration; random conditions
+            # draw theirs. A sentence goes to the first condition that takes it.
+            plan = []
+            for name in ("drive", "suppress", "baseline",
+                         *self.experiment.closed_loop.extra_conditions):
                 objective = registry.CONDITIONS.get(name).objective
                 if objective is None:
                     chosen = select_random(available, n, self.rng)

@@ -60,6 +60,15 @@ class TrialRecord:
     epoch_ok: bool
     marker: str
 
+    @classmethod
+    def from_row(cls, row) -> TrialRecord:
+        """Return the record of a row that has a value for every field (and maybe more keys)."""
+        return cls(**{field.name: row[field.name] for field in fields(cls)})
+
+
+# Fields that may be NaN; JSON has no NaN, so the journal writes them as null.
+FLOAT_FIELDS = frozenset(field.name for field in fields(TrialRecord) if field.type == "float")
+
 
 def _column_dtype(value):
     if isinstance(value, str):

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from loop.errors import ResumeError
-from loop.recording import journal_path_for
+from loop.recording import FLOAT_FIELDS, journal_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +77,13 @@ def read_journal(path: Path) -> tuple[dict | None, list[dict], list[str]]:
             header = entry
         else:
             record = entry["record"]
-            record = {key: (float("nan") if value is None and key in _FLOAT_COLUMNS else value)
+            record = {key: (float("nan") if value is None and key in FLOAT_FIELDS else value)
                       for key, value in record.items()}
             channels = np.array([np.nan if value is None else value
                                  for value in entry["observed_channels"]], dtype=np.float64)
             trials.append(record | {"observed_channels": channels,
                                     "checkpoint": entry.get("checkpoint")})
     return header, trials, damage
-
-
-_FLOAT_COLUMNS = {"due", "onset", "late_s", "display_lag_s", "response_delay_s", "predicted",
-                  "predicted_sd", "observed"}
 
 
 def _file_trials(file: h5py.File, damage: list[str]) -> list[dict]:

@@ -39,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from loop.selection import select_top
+from synth.objectives import Drive, Suppress
+
 logger = logging.getLogger(__name__)
 
 
@@ -162,14 +165,8 @@ def stop_rule(name: str):
 
 # Built-in entries
 
-@condition("drive")
-def _drive(mean, sd):
-    return mean[:, 0], sd[:, 0]
-
-
-@condition("suppress")
-def _suppress(mean, sd):
-    return -mean[:, 0], sd[:, 0]
+CONDITIONS.register("drive", Condition("drive", Drive(0).evaluate))
+CONDITIONS.register("suppress", Condition("suppress", Suppress(0).evaluate))
 
 
 @condition("baseline", random=True)
@@ -180,15 +177,13 @@ def _baseline(mean, sd):
 @selection("ucb")
 def _upper_confidence_bound(choice: Choice) -> int:
     """Return the candidate with the highest value + exploration x SD."""
-    score = np.where(choice.available, choice.value + choice.exploration * choice.sd, -np.inf)
-    return int(np.argmax(score))
+    return int(select_top(choice.value, choice.sd, choice.available, choice.exploration, 1)[0])
 
 
 @selection("greedy")
 def _greedy(choice: Choice) -> int:
-    """The candidate with the highest predicted value, ignoring its uncertainty."""
-    return _upper_confidence_bound(Choice(choice.condition, choice.value, choice.sd,
-                                          choice.available, 0.0, choice.rng))
+    """Return the candidate with the highest predicted value, ignoring its uncertainty."""
+    return int(select_top(choice.value, choice.sd, choice.available, 0.0, 1)[0])
 
 
 @order("shuffled")

@@ -787,10 +787,8 @@ def resumed_recorder(path: Path, resume, experiment_text: str, rig_text: str, me
         "resumed_from": str(resume.path),
         "earlier_simulator_logs": json.dumps([*earlier, str(log_file_for(resume.path))]),
         "versions": json.dumps(metadata["versions"])})
-    fields = TrialRecord.__dataclass_fields__
     for row in resume.trials:
-        recorder.add_trial(TrialRecord(**{name: row[name] for name in fields}),
-                           row["observed_channels"], row["checkpoint"])
+        recorder.add_trial(TrialRecord.from_row(row), row["observed_channels"], row["checkpoint"])
     recorder.add_resume(clock.now(), str(resume.path), resume.n_trials, resume.damage_summary())
     if resume.damage:
         recorder.add_fault(clock.now(), "damaged_file",

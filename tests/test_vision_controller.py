@@ -16,9 +16,10 @@ from loop.clock import SteppedClock
 from loop.config import load_experiment
 from loop.offline import DiscardMarkers
 from loop.presentation import HeadlessPresenter
-from loop.recording import SessionRecorder, TrialRecord
+from loop.recording import SessionRecorder
 from loop.recovery import recover_session, resumed_path
 from loop.report import read_trials
+from loop.session import resumed_recorder
 from loop.vision_controller import VisionController, condition_site
 from synth.image_features import ImageFeatureExtractor
 from synth.image_pool import ImagePool
@@ -219,11 +220,8 @@ def test_resumed_vision_session_matches_uninterrupted(parts, tmp_path, stop_at):
     recovered = recover_session(tmp_path / "stopped.h5")
     assert recovered.n_trials == stop_at
     new_path = resumed_path(tmp_path / "stopped.h5", "resumed")
-    with h5py.File(tmp_path / "stopped.h5", "r") as old:
-        recorder = SessionRecorder(new_path, copy_from=old)
-    for row in recovered.trials:
-        recorder.add_trial(TrialRecord(**{name: row[name] for name in TrialRecord.__dataclass_fields__}),
-                           row["observed_channels"], row["checkpoint"])
+    recorder = resumed_recorder(new_path, recovered, "experiment", "rig", {"versions": {}},
+                                "identity", ImagePool(), SteppedClock(0.0))
     recorded_run(parts, new_path, replay=recovered.trials, recorder=recorder)
     # The replay synthesised the same images from the recorded responses, so the session went on
     # with the trials the uninterrupted one showed.
