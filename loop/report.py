@@ -339,7 +339,7 @@ def _write_vision_report(session_file: Path, facts: dict) -> tuple[str, Path, Pa
     sheet = write_contact_sheet(results, vision, session_file.with_name(
         session_file.stem + "_contact_sheet.png"))
     report_path = session_file.with_name(session_file.stem + "_report.md")
-    table = format_vision(results)
+    table, verdict = format_vision(results)
     lines = [f"# Session report: {session_file.name}", "",
              f"- status: {facts.get('status')}; trials: {facts['n_trials']}; "
              f"faults: {len(facts['faults'])}",
@@ -350,8 +350,7 @@ def _write_vision_report(session_file: Path, facts: dict) -> tuple[str, Path, Pa
              f"{facts.get('n_fallbacks', 0)}"]
     for kind, message in facts["faults"]:
         lines.append(f"- fault ({kind}): {message}")
-    lines += ["", "## Evaluation", "", "```", *table[:len(results) + 3], "```", "",
-              *table[len(results) + 4:], "",
+    lines += ["", "## Evaluation", "", "```", *table, "```", "", *verdict, "",
               "Columns: the mean response over the evaluation repeats of each site's stretch "
               "image and of the best natural image for that site, observed and as the simulated "
               "subject's noise-free amplitude (same units). Then the site's share of the "
@@ -361,7 +360,7 @@ def _write_vision_report(session_file: Path, facts: dict) -> tuple[str, Path, Pa
     if facts["experiment_text"]:
         lines += ["## Experiment file", "", "```toml", facts["experiment_text"].strip(), "```", ""]
     report_path.write_text("\n".join(lines), encoding="utf-8")
-    return "\n".join(table), sheet, report_path
+    return "\n".join([*table, "", *verdict]), sheet, report_path
 
 
 def _stop_rule(facts: dict) -> str:

@@ -159,7 +159,7 @@ def session_path(output_dir: Path, name: str, started: dt.datetime) -> Path:
     return Path(output_dir) / f"{name}_{started.strftime('%Y%m%d-%H%M%S')}.h5"
 
 
-def _check_rig_fits_stimuli(experiment: Experiment, experiment_path: Path, rig: Rig,
+def check_rig_fits_stimuli(experiment: Experiment, experiment_path: Path, rig: Rig,
                             rig_path: Path) -> None:
     """Reject a simulated subject made for the other kind of stimuli, and images on an fMRI rig."""
     if experiment.vision is not None and rig.simulator is not None:
@@ -231,7 +231,7 @@ def run_session(experiment_path: Path, rig_path: Path, options: SessionOptions,
         raise ConfigError(f"{rig_path}: display: a run with a window needs a [display] table "
                           "describing the screen; see docs/experiment_format.md.")
     vision = experiment.vision is not None
-    _check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)
+    check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)
     if rig.simulator is not None:
         _check_simulated_channels(experiment, experiment_path, rig)
     if vision and rig.vision_simulator is not None:

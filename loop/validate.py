@@ -40,16 +40,16 @@ def validate(experiment_path: Path, rig_path: Path, streams: bool = False,
     if experiment is None or rig is None:
         return result
 
-    if experiment.vision is not None:
-        _check_vision(experiment, experiment_path, rig, rig_path, result)
-        result.plan = plan(experiment, rig)
-        return result
-    from loop.session import _check_rig_fits_stimuli
+    from loop.session import check_rig_fits_stimuli
 
     try:
-        _check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)
+        check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)
     except ConfigError as err:
         result.problems.append(str(err))
+    if experiment.vision is not None:
+        _check_vision(experiment, experiment_path, rig, result)
+        result.plan = plan(experiment, rig)
+        return result
     _check_model(experiment, experiment_path, result)
     pool = _check_pool(experiment, experiment_path, result)
     _check_targets(experiment, experiment_path, rig, rig_path, result)
@@ -123,20 +123,17 @@ def _folder_count(experiment: Experiment) -> int:
         return 0
 
 
-def _check_vision(experiment: Experiment, experiment_path: Path, rig: Rig, rig_path: Path,
+def _check_vision(experiment: Experiment, experiment_path: Path, rig: Rig,
                   result: Validation) -> None:
     """Check the natural images, the vision model and its layers, and the rig's sites."""
-    from loop.session import _check_rig_fits_stimuli
     from loop.vision_session import check_vision_channels, load_natural_set
     from synth.errors import ModelNotFoundError
     from synth.vision_models import load_vision_model
 
-    for check in (lambda: load_natural_set(experiment, experiment_path),
-                  lambda: _check_rig_fits_stimuli(experiment, experiment_path, rig, rig_path)):
-        try:
-            check()
-        except ConfigError as err:
-            result.problems.extend(str(err).splitlines())
+    try:
+        load_natural_set(experiment, experiment_path)
+    except ConfigError as err:
+        result.problems.extend(str(err).splitlines())
     if rig.vision_simulator is not None:
         try:
             check_vision_channels(experiment, experiment_path, rig)

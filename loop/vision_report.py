@@ -160,8 +160,8 @@ def _fraction(flags: list[bool]) -> str:
     return f"{sum(flags)} of {len(flags)}" if flags else "none evaluated"
 
 
-def format_vision(results: list[SiteResult]) -> list[str]:
-    """Return the report's lines: the per-site table and the fractions."""
+def format_vision(results: list[SiteResult]) -> tuple[list[str], list[str]]:
+    """Return the per-site table's lines, and the verdict lines with the fractions of sites."""
     groups = (f"{'':<8} |{'stretch, observed':^22}|{'stretch, truth':^22}|"
               f"{'one-hot share, obs.':^22}|{'one-hot share, truth':^22}")
     header = (f"{'site':<8} |{'image':>10} {'best nat.':>10} |{'image':>10} {'best nat.':>10} "
@@ -195,7 +195,7 @@ def format_vision(results: list[SiteResult]) -> list[str]:
             f"{np.nanmedian([r.one_hot_share_observed for r in results]):.3f} (observed); the "
             f"best natural image per site {np.nanmedian([r.natural_best_share_truth for r in results]):.3f} "
             f"(truth), {np.nanmedian([r.natural_best_share_observed for r in results]):.3f} (observed).")
-    return lines + [""] + verdict
+    return lines, verdict
 
 
 def write_contact_sheet(results: list[SiteResult], facts: dict, path: Path) -> Path:

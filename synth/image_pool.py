@@ -27,6 +27,7 @@ class ImagePool:
         self.texts: list[str] = []
         self.kinds: list[str] = []
         self.source = "images"
+        self._index_of: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -38,15 +39,16 @@ class ImagePool:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"Images must be uint8 (H, W, 3), got {image.dtype} {image.shape}.")
         identity = image_id(image)
-        if identity in self.ids:
-            return self.ids.index(identity)
+        if identity in self._index_of:
+            return self._index_of[identity]
         image = image.copy()
         image.setflags(write=False)
         self.images.append(image)
         self.ids.append(identity)
         self.texts.append(label)
         self.kinds.append(kind)
-        return len(self.ids) - 1
+        self._index_of[identity] = len(self.ids) - 1
+        return self._index_of[identity]
 
     def indices_of(self, kind: str) -> np.ndarray:
         return np.array([index for index, value in enumerate(self.kinds) if value == kind], int)
