@@ -300,17 +300,22 @@ class Controller:
 
     def _finish_trial(self, pending: _PendingTrial, channels: np.ndarray) -> TrialRecord:
         """Record a trial's response and update the model with it."""
+        return self._store_trial(pending, channels, self._observed(pending, channels),
+                                 epoch_ok=True,
+                                 display_lag_s=self.responses.display_lag(pending.onset.time))
+
+    def _store_trial(self, pending: _PendingTrial, channels: np.ndarray, observed: float,
+                     epoch_ok: bool, display_lag_s: float) -> TrialRecord:
+        """Write a trial's row (journal and file), then keep it in the state."""
         onset = pending.onset
-        observed = self._observed(pending, channels)
         record = TrialRecord(
             trial=pending.trial, phase=pending.phase, block=pending.block,
             condition=pending.condition, stimulus_id=pending.stimulus.stimulus_id,
             text=pending.stimulus.text, due=pending.due, onset=onset.time, late_s=onset.late_s,
             late=onset.late_s > LATE_ONSET_S, fallback=onset.fallback,
-            display_lag_s=self.responses.display_lag(onset.time),
-            response_delay_s=self.clock.now() - onset.time,
+            display_lag_s=display_lag_s, response_delay_s=self.clock.now() - onset.time,
             trials_ahead=self._trial_index - 1 - pending.trial, predicted=pending.predicted,
-            predicted_sd=pending.predicted_sd, observed=observed, epoch_ok=True,
+            predicted_sd=pending.predicted_sd, observed=observed, epoch_ok=epoch_ok,
             marker=onset.marker,
         )
         if self.recorder is not None:
@@ -323,22 +328,12 @@ class Controller:
 
         The schedule starts again from now, so that the stimuli after a stall are not all late.
         """
-        onset = pending.onset
-        record = TrialRecord(
-            trial=pending.trial, phase=pending.phase, block=pending.block,
-            condition=pending.condition, stimulus_id=pending.stimulus.stimulus_id,
-            text=pending.stimulus.text, due=pending.due, onset=onset.time, late_s=onset.late_s,
-            late=onset.late_s > LATE_ONSET_S, fallback=onset.fallback,
-            display_lag_s=float("nan"), response_delay_s=self.clock.now() - onset.time,
-            trials_ahead=self._trial_index - 1 - pending.trial, predicted=pending.predicted,
-            predicted_sd=pending.predicted_sd, observed=float("nan"), epoch_ok=False,
-            marker=onset.marker)
         if self.recorder is not None:
             self.recorder.add_fault(self.clock.now(), "trial_flagged",
                                     f"trial {pending.trial} has no response: {err}. It is kept "
                                     "flagged, and the model did not learn from it.")
-            self.recorder.add_trial(record, np.full(err.n_channels, np.nan), self._checkpoint())
-        self._keep_trial(pending, record, np.full(err.n_channels, np.nan))
+        self._store_trial(pending, np.full(err.n_channels, np.nan), float("nan"), epoch_ok=False,
+                          display_lag_s=float("nan"))
         self._next_due = None
 
     def _keep_trial(self, pending: _PendingTrial, record: TrialRecord,
