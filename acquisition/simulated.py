@@ -286,7 +286,7 @@ class ParentWatch:
 
     A session killed outright (SIGKILL, power loss) sends no ``session_end`` marker. Without this
     check its simulated device would stream on, so a resumed session would find two streams of
-    the same name. Outside a child process (``neurosteer simulate``) it always answers True.
+    the same name. Outside a child process (``neurosteer simulate``) it always returns True.
     """
 
     CHECK_INTERVAL_S = 0.25

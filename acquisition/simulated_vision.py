@@ -9,7 +9,7 @@ Computing one image's truth takes about 0.2 s on a busy 2-core CPU machine, and 
 stall that long after every onset. So the truth of every natural image is kept from start-up, and
 with ``image_folder`` a thread computes the truth of each new ``.npy`` image as soon as the session
 writes it, before its onset. NOTE: an image first seen at its onset (another folder, a PNG) still
-stalls the stream; its samples keep their acquisition times, so none is lost, but they arrive late.
+stalls the stream. Its samples keep their acquisition times, so none is lost, but they arrive late.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Runs in the ``neurosteer resume`` process before the session starts again. The old session file is
 opened read-only and never written. A trial counts as completed when it is in the journal (one
 JSON line per trial, synced to disk before the HDF5 row) or when every column of its HDF5 row
-exists; whichever source holds more completed trials is used, and the other must agree with it.
+exists. The source with more completed trials is used, and the other must agree with it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RecoveredSession:
-    """What a stopped session left: its settings, its completed trials and any damage found."""
+    """The state a stopped session left: its settings, its completed trials and any damage found."""
 
     path: Path
     metadata: dict

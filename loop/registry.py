@@ -1,4 +1,4 @@
-"""The Python API for what an experiment file cannot say: named conditions, selection rules,
+"""The Python API for what an experiment file cannot express: named conditions, selection rules,
 block orders and stop rules.
 
 Runs in the session's process. A lab writes small functions in a Python file beside its
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Choice:
-    """What a selection rule sees when it picks the next stimulus of a condition.
+    """The inputs of a selection rule when it picks the next stimulus of a condition.
 
     ``value`` and ``sd`` are the condition's objective per candidate (``(n_pool,)``; a random
     condition never reaches a selection rule), ``available`` the candidates that may be shown,
@@ -66,7 +66,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class BlockResult:
-    """What a stop rule sees after each closed-loop block."""
+    """The inputs of a stop rule after each closed-loop block."""
 
     block: int
     n_blocks: int
@@ -87,8 +87,9 @@ class Registry:
     def register(self, name: str, entry, replace: bool = False) -> None:
         """Register ``entry`` as ``name``.
 
-        A plugin's name replaces an earlier plugin's (the same plugin file copied beside another
-        experiment, say), with a log line; a built-in name is replaced only with ``replace``.
+        A plugin's name replaces an earlier plugin's, with a log line. That happens when the same
+        plugin file is copied beside another experiment. A built-in name is replaced only with
+        ``replace``.
         """
         if not name or not name.replace("_", "").isalnum():
             raise ValueError(f"A {self.kind} name must be letters, digits and underscores; got "

@@ -172,6 +172,7 @@ def format_vision(results: list[SiteResult]) -> tuple[list[str], list[str]]:
                      f"|{r.stretch_truth:>10.3f} {r.natural_best_truth:>10.3f} "
                      f"|{r.one_hot_share_observed:>10.3f} {r.natural_best_share_observed:>10.3f} "
                      f"|{r.one_hot_share_truth:>10.3f} {r.natural_best_share_truth:>10.3f}")
+
     stretch_observed = [r.stretch_observed > r.natural_best_observed for r in results
                         if np.isfinite(r.stretch_observed)]
     stretch_truth = [r.stretch_truth > r.natural_best_truth for r in results
@@ -180,6 +181,7 @@ def format_vision(results: list[SiteResult]) -> tuple[list[str], list[str]]:
                       if np.isfinite(r.one_hot_share_observed)]
     share_truth = [r.one_hot_share_truth > r.natural_best_share_truth for r in results
                    if np.isfinite(r.one_hot_share_truth)]
+
     verdict = [
         f"stretch: the synthesised image beat the best natural image at "
         f"{_fraction(stretch_observed)} sites observed, and {_fraction(stretch_truth)} in the "

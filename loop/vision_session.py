@@ -1,6 +1,6 @@
 """The parts of a session that differ for images: loading, storing images, the simulated subject.
 
-Runs in the process of ``neurosteer run`` when the experiment has a ``[vision]`` table;
+Runs in the process of ``neurosteer run`` when the experiment has a ``[vision]`` table.
 ``loop/session.py`` calls these functions at the points where a sentence session loads its pool,
 starts its simulated subject and writes its stimuli.
 """

@@ -1,13 +1,13 @@
 """Faults injected into real dry runs over LSL on loopback.
 
 - The session process is killed with SIGKILL mid-run and resumed with ``neurosteer resume``: the
-  resumed file holds every trial exactly once, in the sequence of an uninterrupted run.
+  resumed file contains every trial exactly once, in the sequence of an uninterrupted run.
 - The simulated subject (a separate ``neurosteer simulate`` process) is killed mid-run and started
   again 5 s later with the same source id: the session reports the stall, records the gap, flags
   the trials it hid, and completes.
 
 The simulated subject runs with a very high SNR and the response window inside the plateau of its
-responses, so a sentence's response does not depend on the noise or on the sample grid: that is
+responses, so a sentence's response does not depend on the noise or on the sample grid. That is
 what lets two dry runs over LSL show the same sequence.
 """
 

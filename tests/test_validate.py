@@ -55,9 +55,9 @@ def test_vision_plan_counts_images():
     result = validate(REPO / "experiments" / "vision_population_control.toml",
                       REPO / "hardware_configs" / "simulated_vision.toml")
     assert result.problems == []
-    # 36 natural images twice; 8 sites x 2 objectives + 2 references per block; generations of
-    # 8 + 2 references; evaluation of 16 final images, the best evolved one and 36 natural
-    # images, 3 times each.
+    # Calibration shows 36 natural images twice. A block has 8 sites x 2 objectives + 2
+    # references, and a generation 8 + 2 references. Evaluation shows 16 final images, the best
+    # evolved one and 36 natural images, 3 times each.
     assert [(phase, n) for phase, n, _ in result.plan] == [
         ("instructions", 0), ("calibration", 72), ("synthesis block 1", 18),
         ("synthesis block 2", 18), ("evolution generation 1", 10),

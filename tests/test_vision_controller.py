@@ -135,9 +135,9 @@ def controller_run(parts):
 def test_phases_and_trial_counts(controller_run):
     _, state, _, _ = controller_run
     phases = [record.phase for record in state.trials]
-    # 10 natural images twice; 2 blocks of 4 sites x 2 objectives + 2 references; 2 generations
-    # of 4 + 2 references; evaluation of 8 final images, the best evolved one and 10 natural
-    # images, 3 times each.
+    # Calibration shows 10 natural images twice. Each of 2 blocks has 4 sites x 2 objectives + 2
+    # references, and each of 2 generations 4 + 2 references. Evaluation shows 8 final images,
+    # the best evolved one and 10 natural images, 3 times each.
     assert phases.count("calibration") == 2 * N_NATURAL
     assert phases.count("closed_loop") == 2 * (N_SITES * 2 + 2)
     assert phases.count("evolution") == 2 * (4 + 2)

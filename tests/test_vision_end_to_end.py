@@ -2,7 +2,7 @@
 
 The subject runs in its own process and responds to the image files the onset markers name. The
 run is small (48-pixel images, 4 sites, a few synthesis steps), so it checks the wiring, the session
-file, the report and the contact sheet, not how well control works: that is the shipped
+file, the report and the contact sheet. How well control works is measured by the shipped
 experiment's dry run, whose figures are in docs/vision.md.
 """
 
@@ -68,8 +68,9 @@ def test_vision_session_complete(vision_run):
         assert file.attrs["status"] == "complete"
         assert file.attrs["stimuli"] == "images"
         trials = read_trials(file)
-    # 36 natural images; 1 block of 4 sites x 2 objectives + 2 references; 1 generation of 4 + 2
-    # references; evaluation of 8 final images, the best evolved one and 36 natural images.
+    # Calibration shows 36 natural images. One block has 4 sites x 2 objectives + 2 references,
+    # and one generation 4 + 2 references. Evaluation shows 8 final images, the best evolved one
+    # and 36 natural images.
     counts = {phase: int(np.sum(trials["phase"] == phase))
               for phase in ("calibration", "closed_loop", "evolution", "evaluation")}
     assert counts == {"calibration": 36, "closed_loop": 10, "evolution": 6, "evaluation": 45}
