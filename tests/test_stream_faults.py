@@ -101,7 +101,9 @@ def test_lsl_clock_stream_is_accepted(unique_name, sender_factory):
 
 
 def collect_trial(responses, sender, onset):
-    sender.pulses.append((onset + 0.1, onset + 0.3))
+    # The pulse spans the response window with 50 ms to spare each side, so that the clock offset
+    # between sender and receiver cannot move a sample at the window's edge out of it.
+    sender.pulses.append((onset + 0.05, onset + 0.35))
     return responses.collect(onset)
 
 
